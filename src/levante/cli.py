@@ -1,0 +1,245 @@
+"""The ``levante`` command: serve, worker, run, status. A thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from levante.client import Client, ExecutionInfo, TaskInfo
+from levante.errors import LevanteError
+
+DEFAULT_STORE = "sqlite:///levante.db"
+DEFAULT_LISTEN = "127.0.0.1:50051"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="levante", description="A lazy, persistent workflow engine.")
+    p.add_argument("--log-level", default=os.environ.get("LEVANTE_LOG_LEVEL", "INFO"))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the engine's gRPC server")
+    serve.add_argument(
+        "--store",
+        default=os.environ.get("LEVANTE_STORE", DEFAULT_STORE),
+        help="sqlite:///PATH or memory:// (env LEVANTE_STORE; default %(default)s)",
+    )
+    serve.add_argument(
+        "--listen",
+        default=os.environ.get("LEVANTE_LISTEN", DEFAULT_LISTEN),
+        help="HOST:PORT; port 0 picks a free one (env LEVANTE_LISTEN; default %(default)s)",
+    )
+    serve.add_argument(
+        "--lease-seconds", type=float, default=60.0,
+        help="how long a worker holds an assignment without a heartbeat (default %(default)s)",
+    )  # fmt: skip
+
+    worker = sub.add_parser("worker", help="run a worker serving the std actions and yours")
+    worker.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    worker.add_argument(
+        "--actions", action="append", default=[], metavar="MODULE",
+        help="a module whose @action functions to serve (repeatable)",
+    )  # fmt: skip
+    worker.add_argument("--concurrency", type=int, default=10)
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--heartbeat-seconds", type=float, default=10.0)
+
+    run = sub.add_parser("run", help="run a workflow file and print its output")
+    run.add_argument("file", type=Path)
+    run.add_argument("-w", "--workflow", default=None)
+    run.add_argument("-i", "--input", default="{}", help="JSON, or @file.json")
+    run.add_argument("--params", default="{}", help="JSON start params (env, task_name)")
+    run.add_argument("--engine", default=None, help="HOST:PORT of a server; embedded if absent")
+    run.add_argument(
+        "--store", default=DEFAULT_STORE, help="store of the embedded engine (default %(default)s)"
+    )
+    run.add_argument("--actions", action="append", default=[], metavar="MODULE")
+    run.add_argument("--timeout", type=float, default=3600.0)
+
+    status = sub.add_parser("status", help="show an execution and its tasks")
+    status.add_argument("execution_id")
+    status.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        command: Callable[[argparse.Namespace], Awaitable[int]] = {
+            "serve": _serve,
+            "worker": _worker,
+            "run": _run,
+            "status": _status,
+        }[args.command]
+        return asyncio.run(command(args))
+    except LevanteError as e:
+        print(f"levante: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+# ---------------------------------------------------------------- serve / worker
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from levante.rpc.server import LevanteServer, ServerConfig, serve
+
+    def ready(server: LevanteServer) -> None:
+        print(f"levante listening on {server.address}", flush=True)
+
+    config = ServerConfig(store=args.store, listen=args.listen, lease_seconds=args.lease_seconds)
+    await serve(config, ready)
+    return 0
+
+
+async def _worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from levante.worker import default_registry, load_action_modules, serve_worker
+    from levante.worker.std import std_actions
+
+    load_action_modules(args.actions)
+    registry = std_actions().include(default_registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"levante worker serving {len(registry)} actions for {args.engine}", flush=True)
+    await serve_worker(
+        args.engine,
+        registry,
+        capacity=args.concurrency,
+        worker_id=args.worker_id,
+        stop=stop,
+        heartbeat_seconds=args.heartbeat_seconds,
+    )
+    return 0
+
+
+# ---------------------------------------------------------------- run / status
+
+
+def _read_json_arg(text: str, what: str) -> Any:
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"levante: {what} is not valid JSON: {e}") from None
+
+
+def _pick_workflow(names: list[str], wanted: str | None) -> str:
+    if wanted:
+        return wanted
+    if len(names) == 1:
+        return names[0]
+    raise SystemExit(f"levante: the file defines several workflows {names}; choose one with -w")
+
+
+async def _run(args: argparse.Namespace) -> int:
+    definition = args.file.read_text()
+    workflow_input = _read_json_arg(args.input, "--input")
+    params = _read_json_arg(args.params, "--params")
+    if args.engine:
+        async with Client(args.engine) as client:
+            names = await client.register_workflows(definition)
+            workflow = _pick_workflow(names, args.workflow)
+            execution_id = await client.run(workflow, workflow_input, params=params)
+            print(f"execution {execution_id} of {workflow}", flush=True)
+            info = await _follow(client.get_status, execution_id, args.timeout)
+    else:
+        from levante.runner import LocalEngine
+        from levante.worker import default_registry, load_action_modules
+
+        load_action_modules(args.actions)
+        async with LocalEngine(store=args.store, actions=default_registry) as local:
+            names = await local.register(definition)
+            workflow = _pick_workflow(names, args.workflow)
+            execution_id = await local.start(workflow, workflow_input, params=params)
+            print(f"execution {execution_id} of {workflow} (embedded, {args.store})", flush=True)
+            info = await _follow(local.status, execution_id, args.timeout)
+    if info.state_info:
+        print(f"{info.state}: {info.state_info}", flush=True)
+    print(json.dumps(info.output, indent=2, sort_keys=True), flush=True)
+    return 0 if info.state == "SUCCESS" else 1
+
+
+async def _follow(
+    get_status: Callable[[str], Awaitable[ExecutionInfo]], execution_id: str, timeout: float
+) -> ExecutionInfo:
+    """Print each task's state changes as they happen until the execution ends."""
+    seen: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while True:
+        info = await get_status(execution_id)
+        for task in info.tasks:
+            if seen.get(task.id) != task.state:
+                seen[task.id] = task.state
+                print(f"  {task.name:<24} {task.state:<16} {_short(task)}", flush=True)
+        if info.is_final:
+            print(f"execution {execution_id} {info.state}", flush=True)
+            return info
+        if time.monotonic() > deadline:
+            raise SystemExit(f"levante: gave up after {timeout}s; execution is {info.state}")
+        await asyncio.sleep(0.05)
+
+
+def _short(task: TaskInfo) -> str:
+    if task.state == "ERROR":
+        return task.state_info[:80]
+    if task.state == "SUCCESS" and task.result is not None:
+        return json.dumps(task.result)[:80]
+    return task.action
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with Client(args.engine) as client:
+        info = await client.get_status(args.execution_id)
+    if args.json:
+        print(json.dumps(_info_dict(info), indent=2, sort_keys=True))
+        return 0
+    print(f"execution  {info.id}")
+    print(f"workflow   {info.workflow}")
+    print(f"state      {info.state}")
+    if info.state_info:
+        print(f"state_info {info.state_info}")
+    print(f"input      {json.dumps(info.input)}")
+    if info.is_final:
+        print(f"output     {json.dumps(info.output)}")
+    print()
+    rows = [("TASK", "STATE", "ACTION", "ATTEMPT", "ID")]
+    rows += [(t.name, t.state, t.action, str(t.attempt), t.id) for t in info.tasks]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def _info_dict(info: ExecutionInfo) -> dict[str, Any]:
+    return {
+        "execution_id": info.id,
+        "workflow": info.workflow,
+        "state": info.state,
+        "state_info": info.state_info,
+        "input": info.input,
+        "output": info.output,
+        "tasks": [t.__dict__ for t in info.tasks],
+    }
+
+
+if __name__ == "__main__":
+    sys.exit(main())

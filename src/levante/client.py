@@ -1,0 +1,223 @@
+"""``levante.Client``: the Engine API from Python, with typed results.
+
+gRPC errors are translated at this boundary into Levante's error tree (errors.py),
+so callers catch ``NotFoundError`` rather than inspecting status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from levante.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    LevanteError,
+    NotFoundError,
+    StoreError,
+)
+from levante.v1 import levante_pb2 as pb
+from levante.v1 import levante_pb2_grpc as pb_grpc
+
+FINAL_STATES = frozenset({"SUCCESS", "ERROR", "CANCELLED"})
+
+_ERROR_BY_STATUS: dict[grpc.StatusCode, type[LevanteError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
+    grpc.StatusCode.UNAVAILABLE: StoreError,
+}
+
+
+class EngineUnavailableError(LevanteError):
+    """The engine could not be reached."""
+
+
+def _translate(error: grpc.aio.AioRpcError) -> LevanteError:
+    code = error.code()
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (error.details() or "").lower():
+        return EngineUnavailableError(error.details() or "engine unavailable")
+    cls = _ERROR_BY_STATUS.get(code, LevanteError)
+    return cls(error.details() or code.name)
+
+
+def _loads(text: str) -> Any:
+    return None if text == "" else json.loads(text)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    id: str
+    name: str
+    state: str
+    state_info: str
+    action: str
+    published: Any
+    result: Any
+    attempt: int
+    assignment_id: str
+
+
+@dataclass(frozen=True)
+class ExecutionInfo:
+    id: str
+    workflow: str
+    state: str
+    state_info: str
+    input: Any
+    output: Any
+    tasks: tuple[TaskInfo, ...]
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def tasks_named(self, name: str) -> list[TaskInfo]:
+        return [t for t in self.tasks if t.name == name]
+
+
+def execution_info(status: pb.ExecutionStatus) -> ExecutionInfo:
+    return ExecutionInfo(
+        id=status.execution_id,
+        workflow=status.workflow,
+        state=status.state,
+        state_info=status.state_info,
+        input=_loads(status.input_json),
+        output=_loads(status.output_json),
+        tasks=tuple(
+            TaskInfo(
+                id=t.id,
+                name=t.name,
+                state=t.state,
+                state_info=t.state_info,
+                action=t.action,
+                published=_loads(t.published_json),
+                result=_loads(t.result_json),
+                attempt=t.attempt,
+                assignment_id=t.assignment_id,
+            )
+            for t in status.tasks
+        ),
+    )
+
+
+class Client:
+    """An asyncio client of one engine. Use as ``async with Client("127.0.0.1:50051")``."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self._channel = grpc.aio.insecure_channel(target)
+        self._engine = pb_grpc.EngineStub(self._channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None = 30.0) -> Any:
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+
+    async def register_workflows(self, definition: str) -> list[str]:
+        response = await self._call(
+            self._engine.RegisterWorkflows, pb.RegisterWorkflowsRequest(definition=definition)
+        )
+        return list(response.workflows)
+
+    async def run(
+        self,
+        workflow: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        definition: str = "",
+        request_id: str = "",
+    ) -> str:
+        response = await self._call(
+            self._engine.Run,
+            pb.RunRequest(
+                workflow=workflow,
+                definition=definition,
+                input_json=json.dumps(dict(input or {})),
+                params_json=json.dumps(dict(params or {})),
+                request_id=request_id,
+            ),
+        )
+        return str(response.execution_id)
+
+    async def task_complete(
+        self, task_id: str, *, result: Any = None, error: Any = None, failed: bool = False
+    ) -> None:
+        if failed or error is not None:
+            request = pb.TaskCompleteRequest(task_id=task_id, error_json=json.dumps(error))
+        else:
+            request = pb.TaskCompleteRequest(task_id=task_id, result_json=json.dumps(result))
+        await self._call(self._engine.TaskComplete, request)
+
+    async def get_status(self, execution_id: str) -> ExecutionInfo:
+        status = await self._call(
+            self._engine.GetStatus, pb.GetStatusRequest(execution_id=execution_id)
+        )
+        return execution_info(status)
+
+    async def wait(
+        self, execution_id: str, timeout: float = 60.0, interval: float = 0.05
+    ) -> ExecutionInfo:
+        """Poll GetStatus until the execution is final; TimeoutError after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = await self.get_status(execution_id)
+            if info.is_final:
+                return info
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"execution {execution_id} still {info.state} after {timeout}s")
+            await asyncio.sleep(interval)
+
+
+class SyncClient:
+    """The synchronous twin of Client, for scripts."""
+
+    def __init__(self, target: str) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._client = self._loop.run_until_complete(self._make(target))
+
+    @staticmethod
+    async def _make(target: str) -> Client:
+        return Client(target)
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._loop.run_until_complete(self._client.close())
+        self._loop.close()
+
+    def register_workflows(self, definition: str) -> list[str]:
+        return self._loop.run_until_complete(self._client.register_workflows(definition))
+
+    def run(self, workflow: str, input: Mapping[str, Any] | None = None, **kw: Any) -> str:
+        return self._loop.run_until_complete(self._client.run(workflow, input, **kw))
+
+    def task_complete(self, task_id: str, **kw: Any) -> None:
+        self._loop.run_until_complete(self._client.task_complete(task_id, **kw))
+
+    def get_status(self, execution_id: str) -> ExecutionInfo:
+        return self._loop.run_until_complete(self._client.get_status(execution_id))
+
+    def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
+        return self._loop.run_until_complete(self._client.wait(execution_id, timeout))

@@ -1,0 +1,240 @@
+"""The vocabulary of the pure core: records, events, commands and decisions.
+
+Records are the rows the store keeps (one execution, its tasks, their assignments).
+Events are past-tense facts that arrive at the core; commands are orders the engine
+carries out after the core has decided. Everything is a frozen dataclass; time and ids
+arrive inside events, so replaying the same events gives the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
+
+
+class ExecutionState(StrEnum):
+    IDLE = "IDLE"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    SUCCESS = "SUCCESS"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL_EXECUTION_STATES
+
+
+_FINAL_EXECUTION_STATES = frozenset(
+    {ExecutionState.SUCCESS, ExecutionState.ERROR, ExecutionState.CANCELLED}
+)
+
+
+class TaskState(StrEnum):
+    IDLE = "IDLE"
+    WAITING = "WAITING"  # a join waiting for its inbound tasks
+    RUNNING = "RUNNING"
+    RUNNING_DELAYED = "RUNNING_DELAYED"
+    PAUSED = "PAUSED"
+    SUCCESS = "SUCCESS"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in _FINAL_TASK_STATES
+
+
+_FINAL_TASK_STATES = frozenset({TaskState.SUCCESS, TaskState.ERROR, TaskState.CANCELLED})
+
+
+class AssignmentState(StrEnum):
+    QUEUED = "QUEUED"  # ready, waiting for a worker
+    LEASED = "LEASED"  # handed to a worker whose lease is live
+    DEFERRED = "DEFERRED"  # the action is asynchronous; the outcome comes through TaskComplete
+    DONE = "DONE"  # outcome recorded
+    CANCELLED = "CANCELLED"  # its execution ended before it ran
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an action produced: a result, or an error (data, not an exception)."""
+
+    ok: bool
+    value: Any = None
+
+    @staticmethod
+    def success(value: Any = None) -> Outcome:
+        return Outcome(True, value)
+
+    @staticmethod
+    def failure(error: Any) -> Outcome:
+        return Outcome(False, error)
+
+
+# ---------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class ExecutionRecord:
+    id: ExecutionId
+    workflow: str
+    definition_id: DefinitionId
+    state: ExecutionState
+    input: Mapping[str, Any]
+    params: Mapping[str, Any]
+    context: Mapping[str, Any]  # input and vars: every start task's inbound context
+    created_at: float
+    updated_at: float
+    state_info: str = ""
+    output: Any = None
+    final_context: Mapping[str, Any] = field(default_factory=dict)  # merged end-task contexts
+    active_tasks: int = 0  # tasks neither final nor waiting on a join
+    waiting_tasks: int = 0  # joins waiting for inbound tasks
+    next_seq: int = 1  # sequence for this execution's task ids
+    errors: tuple[str, ...] = ()  # unhandled task errors, in order
+    request_id: str | None = None
+
+    @property
+    def env(self) -> Mapping[str, Any]:
+        env = self.params.get("env")
+        return env if isinstance(env, Mapping) else {}
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    id: TaskId
+    execution_id: ExecutionId
+    name: str
+    seq: int
+    state: TaskState
+    in_context: Mapping[str, Any]
+    created_at: float
+    updated_at: float
+    state_info: str = ""
+    action: str | None = None
+    result: Any = None
+    published: Mapping[str, Any] = field(default_factory=dict)
+    attempt: int = 0
+    assignment_id: AssignmentId | None = None
+    arrivals: tuple[str, ...] = ()  # inbound task names that reached this join
+    has_next: bool = False  # some transition to another task was taken
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    """One try of one task, handed to one worker at a time."""
+
+    id: AssignmentId
+    task_id: TaskId
+    execution_id: ExecutionId
+    task_name: str
+    action: str
+    input: Any
+    attempt: int
+    state: AssignmentState
+    created_at: float
+    worker_id: str | None = None
+    lease_expires_at: float | None = None
+    outcome: Outcome | None = None
+
+
+# ---------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class ExecutionStarted:
+    execution_id: ExecutionId
+    workflow: str
+    definition_id: DefinitionId
+    input: Mapping[str, Any]
+    params: Mapping[str, Any]
+    request_id: str | None
+    now: float
+
+
+@dataclass(frozen=True)
+class AssignmentCompleted:
+    """A worker or an outside system reported the outcome of one assignment."""
+
+    assignment_id: AssignmentId
+    task_id: TaskId
+    outcome: Outcome
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskFinished:
+    """Internal: a task's work is over (an inline noop, an input that failed to evaluate)."""
+
+    task_id: TaskId
+    outcome: Outcome
+    now: float
+    state_info: str = ""
+
+
+@dataclass(frozen=True)
+class ExecutionDrained:
+    """Internal: nothing runs any more but joins still wait: they can never fire."""
+
+    execution_id: ExecutionId
+    now: float
+
+
+Event = ExecutionStarted | AssignmentCompleted | TaskFinished | ExecutionDrained
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class DispatchAssignment:
+    """Queue this assignment for a worker that serves its action."""
+
+    assignment: AssignmentRecord
+
+
+@dataclass(frozen=True)
+class CancelQueuedAssignments:
+    """The execution ended: assignments not yet handed out must never be."""
+
+    execution_id: ExecutionId
+
+
+Command = DispatchAssignment | CancelQueuedAssignments
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the engine loaded for one event: only the rows the event touches.
+
+    ``tasks`` holds, by task name, the latest row of each task the event may read:
+    the event's own task, joins among its successors, and tasks named in
+    ``task('name')`` expressions.
+    """
+
+    execution: ExecutionRecord
+    tasks: Mapping[str, TaskRecord] = field(default_factory=dict)
+    task: TaskRecord | None = None
+    assignment: AssignmentRecord | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The new state of the touched rows and what to do next.
+
+    ``followups`` are internal events the engine decides in the same transaction.
+    """
+
+    execution: ExecutionRecord
+    tasks: tuple[TaskRecord, ...] = ()  # inserted or updated rows
+    assignments: tuple[AssignmentRecord, ...] = ()  # inserted or updated rows
+    commands: tuple[Command, ...] = ()
+    followups: tuple[Event, ...] = ()

@@ -1,0 +1,215 @@
+"""The dispatcher: hands queued assignments to connected workers, under leases.
+
+It keeps only connection state (which workers are attached, what each holds right
+now); the queue itself lives in the store. Rules:
+- An assignment goes only to a worker that declared its action, and a worker never
+  holds more unfinished assignments than its capacity.
+- Claiming is a store operation that leases the rows, so no assignment is handed out
+  twice while its lease is live.
+- When a worker's session ends, its leased (not deferred) assignments return to the
+  queue; leases of workers that vanished with a previous engine process run out and
+  are requeued by the lease timer.
+- Workers are woken after the engine commits, never while a transaction is open.
+
+The transport (a gRPC stream, or the in-process runner) supplies ``deliver``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+
+from levante.core.model import AssignmentRecord, AssignmentState, Outcome
+from levante.engine import Engine
+from levante.errors import ConflictError, InvalidArgumentError, NotFoundError
+from levante.ids import AssignmentId
+from levante.store.base import Store
+
+log = logging.getLogger("levante.dispatch")
+
+DEFAULT_LEASE_SECONDS = 60.0
+
+
+@dataclass(eq=False)
+class WorkerSession:
+    worker_id: str
+    actions: frozenset[str]
+    capacity: int
+    deliver: Callable[[AssignmentRecord], Awaitable[None]]
+    in_flight: set[AssignmentId] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        engine: Engine,
+        *,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._engine = engine
+        self.lease_seconds = lease_seconds
+        self._clock = clock
+        self._sessions: dict[str, WorkerSession] = {}
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._lease_timer: asyncio.Task[None] | None = None
+        self._requeued = 0
+
+    # -- life cycle
+
+    async def start(self) -> None:
+        self._lease_timer = asyncio.create_task(self._expire_leases(), name="lease-timer")
+
+    async def close(self) -> None:
+        tasks = [*self._pumps.values()]
+        if self._lease_timer is not None:
+            tasks.append(self._lease_timer)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._pumps.clear()
+        self._sessions.clear()
+
+    @property
+    def connected_workers(self) -> int:
+        return len(self._sessions)
+
+    # -- sessions
+
+    async def attach(self, session: WorkerSession, holding: Collection[AssignmentId]) -> None:
+        """A worker said hello. Assignments leased to it that it no longer holds are requeued."""
+        if not session.actions:
+            raise InvalidArgumentError("hello.actions: a worker must serve at least one action")
+        if session.capacity < 1:
+            raise InvalidArgumentError("hello.capacity: must be at least 1")
+        if not session.worker_id:
+            raise InvalidArgumentError("hello.worker_id: required")
+        released = await self._store.release_assignments(session.worker_id, keep=holding)
+        session.in_flight.update(holding)
+        previous = self._sessions.get(session.worker_id)
+        if previous is not None:
+            self._stop_pump(previous)
+        self._sessions[session.worker_id] = session
+        self._pumps[session.worker_id] = asyncio.create_task(
+            self._pump(session), name=f"pump-{session.worker_id}"
+        )
+        session.wake.set()
+        if released:
+            self.notify_all()
+        log.info(
+            "worker %s attached: actions=%s capacity=%d holding=%d",
+            session.worker_id, sorted(session.actions), session.capacity, len(holding),
+        )  # fmt: skip
+
+    async def detach(self, session: WorkerSession) -> None:
+        """The worker's session ended: what it held goes back to the queue."""
+        if self._sessions.get(session.worker_id) is not session:
+            return  # a newer session of the same worker took over
+        del self._sessions[session.worker_id]
+        self._stop_pump(session)
+        released = await self._store.release_assignments(session.worker_id)
+        log.info("worker %s detached; %d assignments requeued", session.worker_id, released)
+        if released:
+            self.notify_all()
+
+    def _stop_pump(self, session: WorkerSession) -> None:
+        pump = self._pumps.pop(session.worker_id, None)
+        if pump is not None:
+            pump.cancel()
+
+    # -- waking
+
+    def notify(self, actions: Collection[str]) -> None:
+        """Assignments of these actions were queued (after a commit)."""
+        for session in self._sessions.values():
+            if not session.actions.isdisjoint(actions):
+                session.wake.set()
+
+    def notify_all(self) -> None:
+        for session in self._sessions.values():
+            session.wake.set()
+
+    async def _pump(self, session: WorkerSession) -> None:
+        while True:
+            await session.wake.wait()
+            session.wake.clear()
+            free = session.capacity - len(session.in_flight)
+            if free <= 0:
+                continue
+            try:
+                claimed = await self._store.claim_assignments(
+                    session.worker_id, session.actions, free, self._clock() + self.lease_seconds
+                )
+            except Exception:
+                log.exception("claiming work for worker %s failed; retrying", session.worker_id)
+                await asyncio.sleep(0.5)
+                session.wake.set()
+                continue
+            for assignment in claimed:
+                session.in_flight.add(assignment.id)
+                await session.deliver(assignment)
+            if len(claimed) == free:
+                session.wake.set()  # there may be more
+
+    # -- what workers say
+
+    async def result(
+        self, session: WorkerSession, assignment_id: AssignmentId, outcome: Outcome
+    ) -> None:
+        try:
+            await self._engine.complete(assignment_id, outcome)
+        finally:
+            self._settled(session, assignment_id)
+
+    async def defer(self, session: WorkerSession, assignment_id: AssignmentId) -> None:
+        try:
+            if not await self._store.defer_assignment(assignment_id, session.worker_id):
+                found = await self._store.get_assignment(assignment_id)
+                if found is None:
+                    raise NotFoundError(f"task_id '{assignment_id}' not found")
+                if found.state != AssignmentState.DEFERRED:
+                    raise ConflictError(
+                        f"task_id '{assignment_id}' cannot be deferred: it is {found.state.value}"
+                    )
+        finally:
+            self._settled(session, assignment_id)
+
+    async def heartbeat(self, session: WorkerSession, ids: Collection[AssignmentId]) -> None:
+        await self._store.extend_leases(
+            session.worker_id, ids, self._clock() + self.lease_seconds
+        )
+
+    def _settled(self, session: WorkerSession, assignment_id: AssignmentId) -> None:
+        if assignment_id in session.in_flight:
+            session.in_flight.discard(assignment_id)
+            session.wake.set()
+
+    # -- leases
+
+    async def _expire_leases(self) -> None:
+        """A durable timer: sleeps until the earliest lease runs out, then requeues."""
+        while True:
+            try:
+                due = await self._store.next_lease_expiry()
+                now = self._clock()
+                delay = self.lease_seconds if due is None else max(0.0, due - now)
+                await asyncio.sleep(min(delay, self.lease_seconds))
+                requeued = await self._store.requeue_expired(self._clock())
+                if requeued:
+                    self._requeued += requeued
+                    log.warning("%d assignments' leases ran out; requeued", requeued)
+                    self.notify_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("lease timer failed; retrying")
+                await asyncio.sleep(1.0)

@@ -1,0 +1,1 @@
+"""The Mistral Workflow Language v2: the spec model and its parser."""

@@ -1,0 +1,181 @@
+"""The immutable model of a parsed Mistral v2 document.
+
+The parser (lang/parser.py) turns YAML text into these frozen dataclasses; everything
+downstream (the core, the engine) reads only these. Values that may hold expressions
+(``<% %>`` or ``{{ }}``) are kept as raw JSON-like data (str, int, float, bool, None,
+list, dict) and evaluated later by lang/expressions.py.
+
+Task-defaults are already applied to each TaskSpec by the parser, the way Mistral
+applies them: a task's own clause wins, a default clause is used when the task has
+none, and a task never transitions to itself through a default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+ENGINE_COMMANDS = frozenset({"fail", "succeed", "pause", "noop"})
+
+WorkflowType = Literal["direct", "reverse"]
+Join = Literal["all", "one"] | int | None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One entry of an on-success / on-error / on-complete / on-skip clause.
+
+    ``target`` is a task name or an engine command (fail, succeed, pause, noop).
+    ``condition`` is an expression (or a literal) that must be truthy for the
+    transition to be taken; None means always. ``params`` holds an engine
+    command's arguments, e.g. ``{"msg": "..."}`` from ``fail(msg="...")``.
+    """
+
+    target: str
+    condition: Any = None
+    params: Mapping[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+    @property
+    def is_engine_command(self) -> bool:
+        return self.target in ENGINE_COMMANDS
+
+
+@dataclass(frozen=True)
+class TransitionClause:
+    """A whole on-* clause: its transitions in order, plus advanced publishing."""
+
+    transitions: tuple[Transition, ...] = ()
+    publish: Mapping[str, Any] = field(default_factory=dict)  # "branch" scope
+    publish_global: Mapping[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class RetrySpec:
+    count: Any  # int or expression
+    delay: Any = 0
+    break_on: Any = None
+    continue_on: Any = None
+
+
+@dataclass(frozen=True)
+class PoliciesSpec:
+    retry: RetrySpec | None = None
+    timeout: Any = None
+    wait_before: Any = None
+    wait_after: Any = None
+    pause_before: Any = None
+    fail_on: Any = None
+    concurrency: Any = None
+
+
+@dataclass(frozen=True)
+class WithItems:
+    """``with-items``: loop variables and the expression or literal list for each."""
+
+    variables: tuple[tuple[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    action: Any = None  # action name (may be an expression); None with workflow None = std.noop
+    workflow: Any = None  # subworkflow name (may be an expression)
+    input: Mapping[str, Any] = field(default_factory=dict)  # inline k=v params merged in
+    publish: Mapping[str, Any] = field(default_factory=dict)
+    publish_on_error: Mapping[str, Any] = field(default_factory=dict)
+    on_success: TransitionClause | None = None
+    on_error: TransitionClause | None = None
+    on_complete: TransitionClause | None = None
+    on_skip: TransitionClause | None = None
+    join: Join = None
+    requires: tuple[str, ...] = ()
+    with_items: WithItems | None = None
+    policies: PoliciesSpec = field(default_factory=PoliciesSpec)
+    keep_result: Any = True
+    safe_rerun: Any = False
+    target: Any = None
+    description: str = ""
+    line: int | None = None
+    # ``input: <% ... %>``: one expression that evaluates to the whole input mapping
+    # (``input`` is then empty: Mistral refuses inline parameters next to it).
+    input_expression: str | None = None
+    tags: tuple[str, ...] = ()  # exposed to expressions as task(name).spec.tags
+
+    @property
+    def runs_noop(self) -> bool:
+        """A task with neither action nor workflow runs std.noop."""
+        return self.action is None and self.workflow is None
+
+    def clauses(self) -> tuple[TransitionClause, ...]:
+        return tuple(
+            c
+            for c in (self.on_success, self.on_error, self.on_complete, self.on_skip)
+            if c is not None
+        )
+
+    def next_task_names(self) -> tuple[str, ...]:
+        """Every task this task may transition to, in clause order, without duplicates."""
+        seen: dict[str, None] = {}
+        for clause in self.clauses():
+            for t in clause.transitions:
+                if not t.is_engine_command:
+                    seen.setdefault(t.target, None)
+        return tuple(seen)
+
+
+@dataclass(frozen=True)
+class InputParam:
+    name: str
+    has_default: bool = False
+    default: Any = None
+
+
+@dataclass(frozen=True)
+class WorkflowSpec:
+    name: str  # full name: "wb.wf" inside a workbook
+    type: WorkflowType = "direct"
+    input: tuple[InputParam, ...] = ()
+    output: Any = None  # None: the output is the final context
+    output_on_error: Any = None
+    vars: Mapping[str, Any] = field(default_factory=dict)
+    tasks: Mapping[str, TaskSpec] = field(default_factory=dict)  # in document order
+    description: str = ""
+    tags: tuple[str, ...] = ()
+    line: int | None = None
+
+    def task(self, name: str) -> TaskSpec:
+        return self.tasks[name]
+
+    def inbound_task_names(self, name: str) -> tuple[str, ...]:
+        """Tasks that have a transition to ``name`` (direct) in document order."""
+        return tuple(t.name for t in self.tasks.values() if name in t.next_task_names())
+
+    def start_task_names(self) -> tuple[str, ...]:
+        """Direct workflows start with every task that no transition leads to."""
+        targets = {n for t in self.tasks.values() for n in t.next_task_names()}
+        return tuple(n for n in self.tasks if n not in targets)
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """An ad-hoc action: a base action with preset input and an output transform."""
+
+    name: str
+    base: str
+    base_input: Mapping[str, Any] = field(default_factory=dict)
+    input: tuple[InputParam, ...] = ()
+    output: Any = None
+    description: str = ""
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class Document:
+    """One registered YAML document: its workflows and ad-hoc actions by full name."""
+
+    workflows: Mapping[str, WorkflowSpec]
+    actions: Mapping[str, ActionSpec] = field(default_factory=dict)
+    workbook: str | None = None

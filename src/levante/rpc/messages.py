@@ -1,0 +1,91 @@
+"""Between protobuf messages and the engine's records: JSON fields and timestamps."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from levante.core.model import AssignmentRecord, ExecutionRecord, Outcome, TaskRecord
+from levante.errors import InvalidArgumentError
+from levante.v1 import levante_pb2 as pb
+
+
+def parse_json(text: str, field: str, *, default: Any = None) -> Any:
+    """Decode a *_json field; an empty string is ``default``."""
+    if text == "":
+        return default
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise InvalidArgumentError(f"{field}: not valid JSON: {e}") from e
+
+
+def parse_json_object(text: str, field: str) -> dict[str, Any]:
+    value = parse_json(text, field, default={})
+    if not isinstance(value, dict):
+        raise InvalidArgumentError(f"{field}: must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def outcome_of(message: pb.TaskCompleteRequest | pb.TaskResult) -> Outcome:
+    kind = message.WhichOneof("outcome")
+    if kind == "result_json":
+        return Outcome.success(parse_json(message.result_json, "result_json"))
+    if kind == "error_json":
+        return Outcome.failure(parse_json(message.error_json, "error_json"))
+    raise InvalidArgumentError("outcome: set result_json or error_json")
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def execution_status(execution: ExecutionRecord, tasks: list[TaskRecord]) -> pb.ExecutionStatus:
+    return pb.ExecutionStatus(
+        execution_id=execution.id,
+        workflow=execution.workflow,
+        state=execution.state.value,
+        state_info=execution.state_info,
+        input_json=dump_json(execution.input),
+        output_json=dump_json(execution.output) if execution.state.is_final else "",
+        params_json=dump_json(execution.params),
+        created_at=timestamp(execution.created_at),
+        updated_at=timestamp(execution.updated_at),
+        tasks=[task_status(t) for t in tasks],
+    )
+
+
+def task_status(task: TaskRecord) -> pb.TaskStatus:
+    return pb.TaskStatus(
+        id=task.id,
+        name=task.name,
+        state=task.state.value,
+        state_info=task.state_info,
+        action=task.action or "",
+        published_json=dump_json(task.published),
+        result_json=dump_json(task.result) if task.state.is_final else "",
+        attempt=task.attempt,
+        created_at=timestamp(task.created_at),
+        updated_at=timestamp(task.updated_at),
+        assignment_id=task.assignment_id or "",
+    )
+
+
+def task_assignment(a: AssignmentRecord) -> pb.TaskAssignment:
+    return pb.TaskAssignment(
+        task_id=a.id,
+        execution_id=a.execution_id,
+        task_name=a.task_name,
+        action=a.action,
+        input_json=dump_json(a.input),
+        attempt=a.attempt,
+        lease_expires_at=timestamp(a.lease_expires_at or 0.0),
+    )

@@ -1,0 +1,135 @@
+"""The Workers service: one bidirectional stream per worker, adapted to the Dispatcher.
+
+The stream's reader handles what the worker says (results, deferrals, heartbeats) and
+acknowledges each result and deferral once the engine has decided about it; the
+writer sends assignments and acks from one outbox. Everything is cleaned up in
+``finally`` when the stream ends, whichever side ends it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable
+
+import grpc
+
+from levante.core.model import AssignmentRecord
+from levante.dispatch import Dispatcher, WorkerSession
+from levante.errors import InvalidArgumentError, LevanteError, StoreError
+from levante.ids import AssignmentId
+from levante.rpc import messages
+from levante.rpc.status import status_for
+from levante.v1 import levante_pb2 as pb
+from levante.v1 import levante_pb2_grpc as pb_grpc
+
+log = logging.getLogger("levante.rpc.workers")
+
+
+class WorkersService(pb_grpc.WorkersServicer):
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    async def Subscribe(
+        self,
+        request_iterator: AsyncIterator[pb.WorkerMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.EngineMessage]:
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be hello"
+            )
+        hello = first.hello
+        outbox: asyncio.Queue[pb.EngineMessage | None] = asyncio.Queue()
+
+        async def deliver(assignment: AssignmentRecord) -> None:
+            outbox.put_nowait(pb.EngineMessage(assignment=messages.task_assignment(assignment)))
+
+        session = WorkerSession(
+            worker_id=hello.worker_id,
+            actions=frozenset(hello.actions),
+            capacity=hello.capacity,
+            deliver=deliver,
+        )
+        try:
+            await self._dispatcher.attach(session, [AssignmentId(i) for i in hello.holding])
+        except LevanteError as e:
+            code, message = status_for(e)
+            await context.abort(code, message)
+        reader = asyncio.create_task(self._read(request_iterator, session, outbox))
+        reader.add_done_callback(lambda _: outbox.put_nowait(None))
+        try:
+            while (message := await outbox.get()) is not None:
+                yield message
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+            await self._dispatcher.detach(session)
+
+    async def _read(
+        self,
+        request_iterator: AsyncIterator[pb.WorkerMessage],
+        session: WorkerSession,
+        outbox: asyncio.Queue[pb.EngineMessage | None],
+    ) -> None:
+        try:
+            async for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "result":
+                    await self._acknowledge(session, outbox, message.result)
+                elif kind == "defer":
+                    task_id = AssignmentId(message.defer.task_id)
+                    ack = await self._ack(task_id, self._dispatcher.defer(session, task_id))
+                    outbox.put_nowait(ack)
+                elif kind == "heartbeat":
+                    await self._dispatcher.heartbeat(
+                        session, [AssignmentId(i) for i in message.heartbeat.task_ids]
+                    )
+                elif kind == "hello":
+                    log.warning("worker %s sent a second hello; ignored", session.worker_id)
+        except grpc.aio.AioRpcError as e:
+            log.info("worker %s stream ended: %s", session.worker_id, e.code())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("worker %s stream failed", session.worker_id)
+
+    async def _acknowledge(
+        self,
+        session: WorkerSession,
+        outbox: asyncio.Queue[pb.EngineMessage | None],
+        result: pb.TaskResult,
+    ) -> None:
+        task_id = AssignmentId(result.task_id)
+        try:
+            outcome = messages.outcome_of(result)
+        except InvalidArgumentError as e:
+            code, text = status_for(e)
+            ack = pb.Ack(task_id=task_id, code=code.name, message=text)
+            outbox.put_nowait(pb.EngineMessage(ack=ack))
+            return
+        ack = await self._ack(task_id, self._dispatcher.result(session, task_id, outcome))
+        outbox.put_nowait(ack)
+
+    @staticmethod
+    async def _ack(task_id: AssignmentId, decided: Awaitable[None]) -> pb.EngineMessage:
+        """Wait for the engine's decision and turn it into an Ack.
+
+        A StoreError (or any unexpected error) is not acknowledged: it propagates, the
+        stream ends, and the worker resends the result on its next stream.
+        """
+        try:
+            await decided
+        except StoreError:
+            raise
+        except LevanteError as e:
+            code, text = status_for(e)
+            log.info("task_id %s: %s %s", task_id, code.name, text)
+            return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code=code.name, message=text))
+        return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code="OK"))

@@ -1,0 +1,273 @@
+"""The in-process runner: the synchronous engine built on the asynchronous one.
+
+``LocalEngine`` puts the lazy Engine, a Dispatcher and an in-process worker session on
+one event loop and one store (memory by default, or SQLite). Each execution is awaited
+through a future that resolves when the execution ends. ``run_workflow`` wraps it all
+for scripts and tests: it runs a workflow to the end and returns its result.
+
+Nothing here adds rules: the same core decides, the same engine transactions record,
+and actions run through the same dispatcher and leases that remote workers use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+from levante.client import ExecutionInfo, TaskInfo
+from levante.core.model import AssignmentRecord, ExecutionRecord, Outcome, TaskRecord
+from levante.dispatch import Dispatcher, WorkerSession
+from levante.engine import Engine
+from levante.errors import LevanteError
+from levante.ids import ExecutionId
+from levante.store import store_for
+from levante.worker.invoke import invoke_action
+from levante.worker.registry import ActionContext, ActionRegistry
+from levante.worker.std import std_actions
+
+__all__ = ["ExecutionResult", "LocalEngine", "run_workflow"]
+
+LOCAL_WORKER_ID = "local"
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """How an execution ended: its state, output and tasks."""
+
+    execution_id: str
+    state: str
+    state_info: str
+    output: Any
+    tasks: tuple[TaskInfo, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "SUCCESS"
+
+    def task(self, name: str) -> TaskInfo:
+        """The latest run of the task called ``name``."""
+        matches = [t for t in self.tasks if t.name == name]
+        if not matches:
+            raise KeyError(name)
+        return matches[-1]
+
+
+def _info(execution: ExecutionRecord, tasks: list[TaskRecord]) -> ExecutionInfo:
+    return ExecutionInfo(
+        id=execution.id,
+        workflow=execution.workflow,
+        state=execution.state.value,
+        state_info=execution.state_info,
+        input=dict(execution.input),
+        output=execution.output if execution.state.is_final else None,
+        tasks=tuple(
+            TaskInfo(
+                id=t.id,
+                name=t.name,
+                state=t.state.value,
+                state_info=t.state_info,
+                action=t.action or "",
+                published=dict(t.published),
+                result=t.result,
+                attempt=t.attempt,
+                assignment_id=t.assignment_id or "",
+            )
+            for t in tasks
+        ),
+    )
+
+
+class LocalEngine:
+    """Engine, store and an in-process worker on the running event loop."""
+
+    def __init__(
+        self,
+        store: str = "memory://",
+        actions: ActionRegistry | Mapping[str, Callable[..., Any]] | None = None,
+        *,
+        concurrency: int = 64,
+    ) -> None:
+        self.store = store_for(store)
+        self.engine = Engine(self.store)
+        self.dispatcher = Dispatcher(self.store, self.engine)
+        self.engine.set_dispatch_listener(self.dispatcher.notify)
+        self.registry = std_actions()
+        if isinstance(actions, ActionRegistry):
+            self.registry = self.registry.include(actions)
+        elif actions:
+            for name, fn in actions.items():
+                self.registry.register(name, fn)
+        self._concurrency = concurrency
+        self._session: WorkerSession | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        self._waiters: dict[ExecutionId, list[asyncio.Future[ExecutionRecord]]] = {}
+
+    async def __aenter__(self) -> LocalEngine:
+        await self.start_engine()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start_engine(self) -> None:
+        await self.store.open()
+        await self.dispatcher.start()
+        self._session = WorkerSession(
+            worker_id=LOCAL_WORKER_ID,
+            actions=frozenset(self.registry.names()),
+            capacity=self._concurrency,
+            deliver=self._deliver,
+        )
+        await self.dispatcher.attach(self._session, holding=())
+
+    async def close(self) -> None:
+        for task in list(self._running):
+            task.cancel()
+        for task in list(self._running):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._session is not None:
+            await self.dispatcher.detach(self._session)
+        await self.dispatcher.close()
+        await self.store.close()
+
+    async def register(self, definition: str) -> list[str]:
+        return await self.engine.register(definition)
+
+    async def start(
+        self,
+        workflow: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+    ) -> str:
+        execution_id = await self.engine.run(workflow, input, params)
+        return str(execution_id)
+
+    async def status(self, execution_id: str) -> ExecutionInfo:
+        execution, tasks = await self.engine.get_status(ExecutionId(execution_id))
+        return _info(execution, tasks)
+
+    async def wait(self, execution_id: str) -> ExecutionResult:
+        """Resolve when the execution is in a final state."""
+        key = ExecutionId(execution_id)
+        execution = await self.store.get_execution(key)
+        if execution is None or not execution.state.is_final:
+            future: asyncio.Future[ExecutionRecord] = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(key, []).append(future)
+            await self._check_final(key)
+            await future
+        info = await self.status(execution_id)
+        return ExecutionResult(info.id, info.state, info.state_info, info.output, info.tasks)
+
+    async def run(
+        self,
+        workflow: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+    ) -> ExecutionResult:
+        return await self.wait(await self.start(workflow, input, params=params))
+
+    # -- the in-process worker
+
+    async def _deliver(self, assignment: AssignmentRecord) -> None:
+        task = asyncio.create_task(self._execute(assignment))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _execute(self, assignment: AssignmentRecord) -> None:
+        assert self._session is not None
+        context = ActionContext(
+            task_id=assignment.id,
+            execution_id=assignment.execution_id,
+            task_name=assignment.task_name,
+            attempt=assignment.attempt,
+        )
+        invocation = await invoke_action(
+            self.registry, assignment.action, assignment.input, context
+        )
+        try:
+            if invocation.deferred:
+                await self.dispatcher.defer(self._session, assignment.id)
+            else:
+                outcome = Outcome(invocation.ok, invocation.value)
+                await self.dispatcher.result(self._session, assignment.id, outcome)
+        except LevanteError:
+            pass  # decided already (a duplicate); nothing to do
+        await self._check_final(assignment.execution_id)
+
+    async def complete(self, task_id: str, outcome: Outcome) -> None:
+        """Complete a deferred assignment from outside (as Engine.TaskComplete does)."""
+        assignment = await self.store.get_assignment(task_id)  # type: ignore[arg-type]
+        await self.engine.complete(task_id, outcome)  # type: ignore[arg-type]
+        if assignment is not None:
+            await self._check_final(assignment.execution_id)
+
+    async def _check_final(self, execution_id: ExecutionId) -> None:
+        waiters = self._waiters.get(execution_id)
+        if not waiters:
+            return
+        execution = await self.store.get_execution(execution_id)
+        if execution is not None and execution.state.is_final:
+            for future in self._waiters.pop(execution_id, []):
+                if not future.done():
+                    future.set_result(execution)
+
+
+class _LoopThread:
+    """An event loop in a daemon thread, for callers without one of their own."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def submit(self, coroutine: Any) -> Future[Any]:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+def run_workflow(
+    definition: str,
+    workflow: str | None = None,
+    input: Mapping[str, Any] | None = None,
+    actions: ActionRegistry | Mapping[str, Callable[..., Any]] | None = None,
+    *,
+    params: Mapping[str, Any] | None = None,
+    store: str = "memory://",
+    timeout: float | None = None,
+) -> ExecutionResult:
+    """Run a workflow to the end in this process and return how it ended.
+
+    ``definition`` is Mistral v2 YAML; ``workflow`` may be omitted when it defines
+    one workflow; ``actions`` maps action names to plain or async functions (or is an
+    ActionRegistry), served next to the std actions. Works whether or not the caller
+    has an event loop running: the engine runs on a loop thread of its own.
+    """
+
+    async def go() -> ExecutionResult:
+        async with LocalEngine(store, actions) as local:
+            names = await local.register(definition)
+            name = workflow
+            if name is None:
+                if len(names) != 1:
+                    raise LevanteError(f"the definition holds {names}; name one as workflow=")
+                name = names[0]
+            return await local.run(name, input, params=params)
+
+    runner = _LoopThread()
+    try:
+        future: Future[ExecutionResult] = runner.submit(go())
+        return future.result(timeout)
+    finally:
+        runner.close()

@@ -1,0 +1,26 @@
+"""Stores: where every execution's state lives. ``open_store(url)`` picks the backend."""
+
+from __future__ import annotations
+
+from levante.errors import InvalidArgumentError
+from levante.store.base import Store, StoredDefinition, StoreTransaction
+from levante.store.memory import MemoryStore
+from levante.store.sqlite import SqliteStore
+
+__all__ = ["MemoryStore", "SqliteStore", "Store", "StoreTransaction", "StoredDefinition", "store_for"]
+
+
+def store_for(url: str) -> Store:
+    """``sqlite:///PATH`` (relative) or ``sqlite:////abs/path``, a bare path, or ``memory://``."""
+    if url in ("memory://", "memory:"):
+        return MemoryStore()
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")
+        if not path:
+            raise InvalidArgumentError("store: sqlite:///PATH needs a path")
+        return SqliteStore(path)
+    if url.startswith(("postgresql://", "postgres://")):
+        raise InvalidArgumentError("store: the PostgreSQL backend is not available yet")
+    if "://" not in url:
+        return SqliteStore(url)
+    raise InvalidArgumentError(f"store: unknown store URL {url!r} (use sqlite:///PATH or memory://)")

@@ -1,0 +1,128 @@
+"""The store interface: what the engine needs from a backend, and nothing more.
+
+A backend keeps definitions, executions, tasks and assignments (the queue of ready
+work). All SQL and locking live in the backends; the engine only calls these methods.
+
+Rules every backend keeps:
+- ``transaction()`` is atomic: everything written inside it lands, or nothing does.
+  ``lock_execution`` serialises writers of one execution until the transaction ends
+  (a row lock where the database has one); writers of different executions may run
+  in parallel.
+- Reads inside a transaction see that transaction's own writes.
+- Queue operations (claim, release, extend, requeue) are each atomic on their own and
+  never hand one assignment to two workers while its lease is live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord
+from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StoredDefinition:
+    id: DefinitionId
+    text: str
+
+
+class StoreTransaction(Protocol):
+    async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None: ...
+
+    async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None: ...
+
+    async def insert_execution(self, execution: ExecutionRecord) -> None: ...
+
+    async def update_execution(self, execution: ExecutionRecord) -> None: ...
+
+    async def get_task(self, task_id: TaskId) -> TaskRecord | None: ...
+
+    async def latest_tasks(
+        self, execution_id: ExecutionId, names: Collection[str]
+    ) -> dict[str, TaskRecord]:
+        """The newest row (highest seq) of each named task that has one."""
+        ...
+
+    async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]: ...
+
+    async def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
+        """Insert new rows, update existing ones (by id)."""
+        ...
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None: ...
+
+    async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None: ...
+
+    async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None: ...
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect, create or migrate the schema."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # -- definitions
+
+    async def save_definition(
+        self, text: str, workflow_names: Sequence[str], now: float
+    ) -> DefinitionId:
+        """Store a document as a new version of each workflow it defines."""
+        ...
+
+    async def find_workflow(self, name: str) -> StoredDefinition | None:
+        """The newest definition that defines workflow ``name``."""
+        ...
+
+    async def get_definition(self, definition_id: DefinitionId) -> StoredDefinition | None: ...
+
+    # -- executions
+
+    def transaction(self) -> AbstractAsyncContextManager[StoreTransaction]: ...
+
+    async def get_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None: ...
+
+    async def list_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        """Every task row of an execution in creation order (for status views only)."""
+        ...
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None: ...
+
+    # -- the queue
+
+    async def claim_assignments(
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+    ) -> list[AssignmentRecord]:
+        """Lease up to ``limit`` QUEUED assignments of the given actions, oldest first."""
+        ...
+
+    async def release_assignments(
+        self, worker_id: str, keep: Collection[AssignmentId] = ()
+    ) -> int:
+        """Put the worker's LEASED assignments (except ``keep``) back in the queue."""
+        ...
+
+    async def extend_leases(
+        self, worker_id: str, assignment_ids: Collection[AssignmentId], lease_until: float
+    ) -> None: ...
+
+    async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
+        """Mark a LEASED assignment DEFERRED (its outcome will come through TaskComplete)."""
+        ...
+
+    async def requeue_expired(self, now: float) -> int:
+        """Put LEASED assignments whose lease ran out back in the queue."""
+        ...
+
+    async def next_lease_expiry(self) -> float | None: ...

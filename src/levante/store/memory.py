@@ -1,0 +1,235 @@
+"""The memory store (``memory://``): for in-process runs and tests; gone with the process.
+
+Transactions are serialised by one asyncio lock. Writes are staged in the transaction
+and applied at commit, so a failed transaction leaves nothing behind, as with SQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+from levante.core.model import AssignmentRecord, AssignmentState, ExecutionRecord, TaskRecord
+from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
+from levante.store.base import StoredDefinition
+
+
+class _Tables:
+    def __init__(self) -> None:
+        self.executions: dict[ExecutionId, ExecutionRecord] = {}
+        self.tasks: dict[TaskId, TaskRecord] = {}
+        self.assignments: dict[AssignmentId, AssignmentRecord] = {}
+        self.task_ids_by_execution: dict[ExecutionId, list[TaskId]] = {}
+        self.request_ids: dict[str, ExecutionId] = {}
+
+
+class MemoryTransaction:
+    def __init__(self, tables: _Tables) -> None:
+        self._t = tables
+        self.executions: dict[ExecutionId, ExecutionRecord] = {}
+        self.tasks: dict[TaskId, TaskRecord] = {}
+        self.assignments: dict[AssignmentId, AssignmentRecord] = {}
+        self.cancelled: list[ExecutionId] = []
+
+    def _execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        return self.executions.get(execution_id) or self._t.executions.get(execution_id)
+
+    def _task(self, task_id: TaskId) -> TaskRecord | None:
+        return self.tasks.get(task_id) or self._t.tasks.get(task_id)
+
+    def _tasks_of(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        ids = list(self._t.task_ids_by_execution.get(execution_id, ()))
+        ids += [t.id for t in self.tasks.values() if t.execution_id == execution_id]
+        seen: dict[TaskId, TaskRecord] = {}
+        for task_id in ids:
+            task = self._task(task_id)
+            if task is not None:
+                seen[task_id] = task
+        return sorted(seen.values(), key=lambda t: t.seq)
+
+    async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        return self._execution(execution_id)
+
+    async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None:
+        for e in self.executions.values():
+            if e.request_id == request_id:
+                return e.id
+        return self._t.request_ids.get(request_id)
+
+    async def insert_execution(self, execution: ExecutionRecord) -> None:
+        self.executions[execution.id] = execution
+
+    async def update_execution(self, execution: ExecutionRecord) -> None:
+        self.executions[execution.id] = execution
+
+    async def get_task(self, task_id: TaskId) -> TaskRecord | None:
+        return self._task(task_id)
+
+    async def latest_tasks(
+        self, execution_id: ExecutionId, names: Collection[str]
+    ) -> dict[str, TaskRecord]:
+        wanted = set(names)
+        found: dict[str, TaskRecord] = {}
+        for task in self._tasks_of(execution_id):
+            if task.name in wanted:
+                found[task.name] = task
+        return found
+
+    async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        return [t for t in self._tasks_of(execution_id) if t.state.value == "WAITING"]
+
+    async def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
+        for task in tasks:
+            self.tasks[task.id] = task
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
+        return self.assignments.get(assignment_id) or self._t.assignments.get(assignment_id)
+
+    async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
+        for a in assignments:
+            self.assignments[a.id] = a
+
+    async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
+        self.cancelled.append(execution_id)
+
+    def commit(self) -> None:
+        t = self._t
+        for e in self.executions.values():
+            t.executions[e.id] = e
+            if e.request_id is not None:
+                t.request_ids[e.request_id] = e.id
+        for task in self.tasks.values():
+            if task.id not in t.tasks:
+                t.task_ids_by_execution.setdefault(task.execution_id, []).append(task.id)
+            t.tasks[task.id] = task
+        t.assignments.update(self.assignments)
+        for execution_id in self.cancelled:
+            for a in list(t.assignments.values()):
+                if a.execution_id == execution_id and a.state == AssignmentState.QUEUED:
+                    t.assignments[a.id] = replace(a, state=AssignmentState.CANCELLED)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._t = _Tables()
+        self._lock = asyncio.Lock()
+        self._definitions: dict[DefinitionId, str] = {}
+        self._workflows: dict[str, DefinitionId] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def save_definition(
+        self, text: str, workflow_names: Sequence[str], now: float
+    ) -> DefinitionId:
+        definition_id = DefinitionId(len(self._definitions) + 1)
+        self._definitions[definition_id] = text
+        for name in workflow_names:
+            self._workflows[name] = definition_id
+        return definition_id
+
+    async def find_workflow(self, name: str) -> StoredDefinition | None:
+        definition_id = self._workflows.get(name)
+        if definition_id is None:
+            return None
+        return StoredDefinition(definition_id, self._definitions[definition_id])
+
+    async def get_definition(self, definition_id: DefinitionId) -> StoredDefinition | None:
+        text = self._definitions.get(definition_id)
+        return None if text is None else StoredDefinition(definition_id, text)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[MemoryTransaction]:
+        async with self._lock:
+            tx = MemoryTransaction(self._t)
+            yield tx
+            tx.commit()
+
+    async def get_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        return self._t.executions.get(execution_id)
+
+    async def list_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        ids = self._t.task_ids_by_execution.get(execution_id, [])
+        return sorted((self._t.tasks[i] for i in ids), key=lambda t: t.seq)
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
+        return self._t.assignments.get(assignment_id)
+
+    async def claim_assignments(
+        self, worker_id: str, actions: Collection[str], limit: int, lease_until: float
+    ) -> list[AssignmentRecord]:
+        claimed: list[AssignmentRecord] = []
+        async with self._lock:
+            for a in list(self._t.assignments.values()):
+                if len(claimed) >= limit:
+                    break
+                if a.state == AssignmentState.QUEUED and a.action in actions:
+                    leased = replace(
+                        a,
+                        state=AssignmentState.LEASED,
+                        worker_id=worker_id,
+                        lease_expires_at=lease_until,
+                    )
+                    self._t.assignments[a.id] = leased
+                    claimed.append(leased)
+        return claimed
+
+    async def release_assignments(
+        self, worker_id: str, keep: Collection[AssignmentId] = ()
+    ) -> int:
+        released = 0
+        async with self._lock:
+            for a in list(self._t.assignments.values()):
+                if a.worker_id == worker_id and a.state == AssignmentState.LEASED and a.id not in keep:
+                    self._t.assignments[a.id] = replace(
+                        a, state=AssignmentState.QUEUED, worker_id=None, lease_expires_at=None
+                    )
+                    released += 1
+        return released
+
+    async def extend_leases(
+        self, worker_id: str, assignment_ids: Collection[AssignmentId], lease_until: float
+    ) -> None:
+        async with self._lock:
+            for assignment_id in assignment_ids:
+                a = self._t.assignments.get(assignment_id)
+                if a is not None and a.worker_id == worker_id and a.state == AssignmentState.LEASED:
+                    self._t.assignments[a.id] = replace(a, lease_expires_at=lease_until)
+
+    async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
+        async with self._lock:
+            a = self._t.assignments.get(assignment_id)
+            if a is None or a.state not in (AssignmentState.LEASED, AssignmentState.QUEUED):
+                return False
+            self._t.assignments[a.id] = replace(
+                a, state=AssignmentState.DEFERRED, lease_expires_at=None
+            )
+            return True
+
+    async def requeue_expired(self, now: float) -> int:
+        requeued = 0
+        async with self._lock:
+            for a in list(self._t.assignments.values()):
+                if (
+                    a.state == AssignmentState.LEASED
+                    and a.lease_expires_at is not None
+                    and a.lease_expires_at <= now
+                ):
+                    self._t.assignments[a.id] = replace(
+                        a, state=AssignmentState.QUEUED, worker_id=None, lease_expires_at=None
+                    )
+                    requeued += 1
+        return requeued
+
+    async def next_lease_expiry(self) -> float | None:
+        leases = [
+            a.lease_expires_at
+            for a in self._t.assignments.values()
+            if a.state == AssignmentState.LEASED and a.lease_expires_at is not None
+        ]
+        return min(leases, default=None)

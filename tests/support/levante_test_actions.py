@@ -1,0 +1,60 @@
+"""Actions the tests' worker processes serve (loaded with --actions levante_test_actions).
+
+- test.record: appends a line to $LEVANTE_TEST_LOG (one O_APPEND write, so lines from
+  concurrent workers never interleave), then returns ``output``. Counting lines counts
+  how many times an action really ran.
+- test.gate: waits until the file $LEVANTE_TEST_GATES/<name> exists, so a test can
+  hold assignments inside a worker while it kills something.
+- test.boom: raises ValueError(message).
+- test.wait_deferred: hands its task_id to $LEVANTE_TEST_LOG and defers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from levante.worker import DEFERRED, ActionContext, action
+
+
+def _log(line: str) -> None:
+    path = os.environ.get("LEVANTE_TEST_LOG")
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+@action("test.record")
+def record(key: str, output: Any = None, context: ActionContext | None = None) -> Any:
+    _log(f"{key} {context.task_id if context else ''}".strip())
+    return output
+
+
+@action("test.gate")
+def gate(name: str, output: Any = None, context: ActionContext | None = None) -> Any:
+    _log(f"gate-entered {name} {context.task_id if context else ''}".strip())
+    gates = Path(os.environ["LEVANTE_TEST_GATES"])
+    deadline = time.monotonic() + 120
+    while not (gates / name).exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {name} never opened")
+        time.sleep(0.02)
+    _log(f"gate-passed {name} {context.task_id if context else ''}".strip())
+    return output
+
+
+@action("test.boom")
+def boom(message: str = "boom") -> None:
+    raise ValueError(message)
+
+
+@action("test.wait_deferred")
+def wait_deferred(context: ActionContext) -> object:
+    _log(f"deferred {context.task_id}")
+    return DEFERRED

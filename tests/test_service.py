@@ -1,0 +1,173 @@
+"""The engine service end to end: real `levante serve` and `levante worker` processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from levante.client import Client
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+BRANCHES = """
+version: '2.0'
+branches:
+  input:
+    - n
+    - label: none
+  output:
+    path: <% $.path %>
+    label: <% $.label %>
+    doubled: '{{ _.value * 2 }}'
+  tasks:
+    check:
+      action: std.echo output=<% $.n %>
+      publish:
+        value: <% task(check).result %>
+      on-success:
+        - big: <% $.value > 10 %>
+        - small: <% $.value <= 10 %>
+    big:
+      action: std.echo
+      input:
+        output: big
+      publish: {path: <% task().result %>}
+    small:
+      action: std.echo output=small
+      publish: {path: '{{ task("small").result }}'}
+"""
+
+
+@pytest.mark.parametrize(("n", "path", "not_run"), [(3, "small", "big"), (42, "big", "small")])
+async def test_conditional_branches_both_ways(client: Client, n: int, path: str, not_run: str
+                                              ) -> None:  # fmt: skip
+    assert await client.register_workflows(BRANCHES) == ["branches"]
+    execution_id = await client.run("branches", {"n": n})
+    info = await client.wait(execution_id)
+    assert info.state == "SUCCESS", info.state_info
+    assert info.output == {"path": path, "label": "none", "doubled": n * 2}
+    names = [t.name for t in info.tasks]
+    assert names == ["check", path]
+    assert not_run not in names
+    check = info.tasks_named("check")[0]
+    assert check.result == n and check.published == {"value": n}
+    assert check.action == "std.echo" and check.attempt == 1
+
+
+ON_ERROR = """
+version: '2.0'
+routed:
+  tasks:
+    risky:
+      action: test.boom message="disk on fire"
+      publish-on-error:
+        failure: <% task().result %>
+      on-error:
+        - recover
+      on-success:
+        - never
+    recover:
+      action: std.echo output=<% $.failure.message %>
+      publish:
+        recovered_from: <% task().result %>
+    never:
+      action: std.noop
+"""
+
+
+async def test_error_routed_by_on_error(client: Client) -> None:
+    execution_id = await client.run("routed", definition=ON_ERROR)
+    info = await client.wait(execution_id)
+    assert info.state == "SUCCESS", info.state_info
+    assert info.output == {
+        "failure": {"type": "ValueError", "message": "disk on fire"},
+        "recovered_from": "disk on fire",
+    }
+    assert {t.name: t.state for t in info.tasks} == {"risky": "ERROR", "recover": "SUCCESS"}
+    assert "disk on fire" in info.tasks_named("risky")[0].state_info
+
+
+UNHANDLED = """
+version: '2.0'
+unhandled:
+  tasks:
+    first:
+      action: std.echo output=1
+      on-success: [breaks]
+    breaks:
+      action: std.fail
+      on-success: [after]
+    after:
+      action: std.noop
+"""
+
+
+async def test_unhandled_error_ends_the_workflow_in_error(client: Client) -> None:
+    execution_id = await client.run("unhandled", definition=UNHANDLED)
+    info = await client.wait(execution_id)
+    assert info.state == "ERROR"
+    assert "breaks" in info.state_info
+    assert info.tasks_named("breaks")[0].state_info in info.state_info
+    assert [t.name for t in info.tasks] == ["first", "breaks"]
+
+
+PUBLISH = """
+version: '2.0'
+publishing:
+  input:
+    - who
+  vars:
+    greeting: Hello
+  output:
+    message: <% $.message %>
+    length: <% len($.message) %>
+    env_name: <% env().name %>
+  tasks:
+    greet:
+      action: std.echo output="<% $.greeting %>, <% $.who %>"
+      publish:
+        message: <% task().result %>
+      on-success:
+        - shout
+    shout:
+      action: std.echo
+      input:
+        output: '{{ _.message | upper }}'
+      publish:
+        loud: <% task().result %>
+"""
+
+
+async def test_publish_vars_env_and_output(client: Client) -> None:
+    execution_id = await client.run(
+        "publishing", {"who": "Ada"}, params={"env": {"name": "prod"}}, definition=PUBLISH
+    )
+    info = await client.wait(execution_id)
+    assert info.state == "SUCCESS", info.state_info
+    assert info.output == {"message": "Hello, Ada", "length": 10, "env_name": "prod"}
+    assert info.tasks_named("shout")[0].published == {"loud": "HELLO, ADA"}
+    assert info.input == {"who": "Ada"}
+
+
+async def test_same_request_id_starts_one_execution(client: Client) -> None:
+    first = await client.run("publishing", {"who": "x"}, definition=PUBLISH, request_id="req-1")
+    second = await client.run("publishing", {"who": "x"}, request_id="req-1")
+    assert first == second
+    info = await client.wait(first)
+    assert info.state == "SUCCESS"
+    assert len(info.tasks_named("greet")) == 1
+
+
+async def test_without_output_the_final_context_is_returned(client: Client) -> None:
+    definition = """
+version: '2.0'
+ctx:
+  input: [a]
+  tasks:
+    t1:
+      action: std.echo output=2
+      publish: {b: <% task().result %>}
+"""
+    info = await client.wait(await client.run("ctx", {"a": 1}, definition=definition))
+    assert info.state == "SUCCESS"
+    # As in Mistral: the final context holds what tasks published, not the input.
+    assert info.output == {"b": 2}
