@@ -10,9 +10,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
-from support.processes import EngineServer, Worker  # noqa: E402
+from support.processes import EngineServer, Worker
 
-from levante.client import Client  # noqa: E402
+from levante.client import Client
 
 
 @pytest.fixture

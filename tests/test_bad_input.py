@@ -60,7 +60,7 @@ async def expect(call, code: grpc.StatusCode, *fragments: str) -> str:  # type: 
         (
             "version: '2.0'\nwf:\n  tasks:\n    a:\n      action: std.noop\n"
             "      workflow: other\n",
-            ["line 4", "action", "workflow"],
+            ["line 6", "action", "workflow"],
         ),
     ],
 )

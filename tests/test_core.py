@@ -115,10 +115,10 @@ wf:
         - big: <% $.value > 10 %>
         - small: <% $.value <= 10 %>
     big:
-      action: std.echo output=big
+      action: std.echo output="big"
       publish: {path: <% task().result %>}
     small:
-      action: std.echo output=small
+      action: std.echo output="small"
       publish: {path: <% task().result %>}
 """
 
@@ -152,7 +152,7 @@ wf:
       on-error: [recover]
       on-success: [unreachable]
     recover:
-      action: std.echo output=recovered
+      action: std.echo output="recovered"
       publish: {how: <% task().result %>}
     unreachable:
       action: std.noop
@@ -254,7 +254,7 @@ wf:
     - a
     - b: 2
   tasks:
-    t: {}
+    t: {action: std.noop}
 """).workflows["wf"]
     assert bind_input(spec, {"a": 1}) == {"a": 1, "b": 2}
     with pytest.raises(InvalidInputError, match="missing=\\['a'\\]"):
@@ -282,11 +282,11 @@ version: '2.0'
 wf:
   tasks:
     left:
-      action: std.echo output=l
+      action: std.echo output="l"
       publish: {l: 1}
       on-success: [joined]
     right:
-      action: std.echo output=r
+      action: std.echo output="r"
       publish: {r: 2}
       on-success: [joined]
     joined:
@@ -310,7 +310,7 @@ version: '2.0'
 wf:
   tasks:
     left:
-      action: std.echo output=l
+      action: std.echo output="l"
       on-success: [joined]
     right:
       action: test.boom

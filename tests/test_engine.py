@@ -87,7 +87,9 @@ async def test_duplicate_and_conflicting_outcomes(store: Store) -> None:
 
 async def test_invalid_input_and_unknown_workflow_store_nothing(store: Store) -> None:
     engine = Engine(store)
-    await engine.register("version: '2.0'\nneeds:\n  input: [a]\n  tasks:\n    t: {}\n")
+    await engine.register(
+        "version: '2.0'\nneeds:\n  input: [a]\n  tasks:\n    t: {action: std.noop}\n"
+    )
     with pytest.raises(InvalidInputError):
         await engine.run("needs", {})
     with pytest.raises(NotFoundError):

@@ -21,14 +21,14 @@ gated:
   input: [i]
   tasks:
     a:
-      action: test.record key=a-<% $.i %>
+      action: test.record key="a-<% $.i %>"
       on-success: [b]
     b:
-      action: test.gate name=open output=<% $.i %>
+      action: test.gate name="open" output=<% $.i %>
       publish: {passed: <% task().result %>}
       on-success: [c]
     c:
-      action: test.record key=c-<% $.i %> output=<% $.passed %>
+      action: test.record key="c-<% $.i %>" output=<% $.passed %>
 """
 
 
@@ -78,16 +78,16 @@ chain:
   input: [i]
   tasks:
     s1:
-      action: test.record key=s1-<% $.i %>
+      action: test.record key="s1-<% $.i %>"
       on-success: [s2]
     s2:
-      action: test.record key=s2-<% $.i %>
+      action: test.record key="s2-<% $.i %>"
       on-success: [s3]
     s3:
-      action: test.record key=s3-<% $.i %>
+      action: test.record key="s3-<% $.i %>"
       on-success: [s4]
     s4:
-      action: test.record key=s4-<% $.i %> output=<% $.i %>
+      action: test.record key="s4-<% $.i %>" output=<% $.i %>
 """
 
 
@@ -122,7 +122,7 @@ held:
   input: [i]
   tasks:
     hold:
-      action: test.gate name=release output=<% $.i %>
+      action: test.gate name="release" output=<% $.i %>
 """
 
 

@@ -32,7 +32,7 @@ branches:
         output: big
       publish: {path: <% task().result %>}
     small:
-      action: std.echo output=small
+      action: std.echo output="small"
       publish: {path: '{{ task("small").result }}'}
 """
 
@@ -149,11 +149,13 @@ async def test_publish_vars_env_and_output(client: Client) -> None:
 
 
 async def test_same_request_id_starts_one_execution(client: Client) -> None:
-    first = await client.run("publishing", {"who": "x"}, definition=PUBLISH, request_id="req-1")
-    second = await client.run("publishing", {"who": "x"}, request_id="req-1")
+    env = {"env": {"name": "dev"}}
+    first = await client.run("publishing", {"who": "x"}, params=env, definition=PUBLISH,
+                             request_id="req-1")
+    second = await client.run("publishing", {"who": "x"}, params=env, request_id="req-1")
     assert first == second
     info = await client.wait(first)
-    assert info.state == "SUCCESS"
+    assert info.state == "SUCCESS", info.state_info
     assert len(info.tasks_named("greet")) == 1
 
 

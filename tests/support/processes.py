@@ -76,7 +76,7 @@ class LevanteProcess:
                 return line
         while True:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self.proc.poll() is not None and self._new_lines.empty():
+            if remaining <= 0 or (self.proc.poll() is not None and self._new_lines.empty()):
                 raise TimeoutError(
                     f"no line starting {prefix!r} from levante {self.args}; output:\n"
                     + "\n".join(self.lines[-50:])

@@ -81,7 +81,7 @@ def bind_input(spec: WorkflowSpec, given: Mapping[str, Any]) -> dict[str, Any]:
     bound: dict[str, Any] = {}
     for p in spec.input:
         # Mistral copies defaults as written, without evaluating them.
-        bound[p.name] = given[p.name] if p.name in given else p.default
+        bound[p.name] = given.get(p.name, p.default)
     return bound
 
 

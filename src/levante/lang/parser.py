@@ -280,6 +280,9 @@ def _load(text: str | bytes) -> _Node:
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         problem = e.problem or e.context or "invalid YAML"
+        if e.problem and e.context and e.context_mark is not None:
+            # e.g. "expected ',' or ']' ... (while parsing a flow sequence started at line 4)"
+            problem = f"{problem} ({e.context} started at line {e.context_mark.line + 1})"
         raise DefinitionError(
             f"invalid YAML: {problem}", None if mark is None else mark.line + 1
         ) from None

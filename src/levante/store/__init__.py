@@ -7,7 +7,9 @@ from levante.store.base import Store, StoredDefinition, StoreTransaction
 from levante.store.memory import MemoryStore
 from levante.store.sqlite import SqliteStore
 
-__all__ = ["MemoryStore", "SqliteStore", "Store", "StoreTransaction", "StoredDefinition", "store_for"]
+__all__ = [
+    "MemoryStore", "SqliteStore", "Store", "StoreTransaction", "StoredDefinition", "store_for",
+]  # fmt: skip
 
 
 def store_for(url: str) -> Store:

@@ -185,7 +185,8 @@ class MemoryStore:
         released = 0
         async with self._lock:
             for a in list(self._t.assignments.values()):
-                if a.worker_id == worker_id and a.state == AssignmentState.LEASED and a.id not in keep:
+                leased = a.worker_id == worker_id and a.state == AssignmentState.LEASED
+                if leased and a.id not in keep:
                     self._t.assignments[a.id] = replace(
                         a, state=AssignmentState.QUEUED, worker_id=None, lease_expires_at=None
                     )

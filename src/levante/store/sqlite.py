@@ -20,7 +20,7 @@ from typing import Any
 
 import aiosqlite
 
-from levante.core.model import AssignmentRecord, AssignmentState, ExecutionRecord, TaskRecord
+from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord
 from levante.errors import StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
@@ -138,7 +138,9 @@ class SqliteTransaction:
 
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         # BEGIN IMMEDIATE already holds the database's write lock.
-        row = await self._one(f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=?", (execution_id,))
+        row = await self._one(
+            f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=?", (execution_id,)
+        )
         return None if row is None else rows.execution_from_row(row)
 
     async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None:
@@ -363,15 +365,14 @@ class SqliteStore:
         if limit <= 0 or not actions:
             return []
         action_list = sorted(actions)
-        async with self._write() as db:
-            async with db.execute(
-                f"UPDATE assignments SET state='LEASED', worker_id=?, lease_expires_at=? "
-                f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
-                f"AND action IN ({_placeholders(len(action_list))}) ORDER BY rowid LIMIT ?) "
-                f"RETURNING {_ASSIGNMENT_COLS}",
-                (worker_id, lease_until, *action_list, limit),
-            ) as cur:
-                found = await cur.fetchall()
+        async with self._write() as db, db.execute(
+            f"UPDATE assignments SET state='LEASED', worker_id=?, lease_expires_at=? "
+            f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
+            f"AND action IN ({_placeholders(len(action_list))}) ORDER BY rowid LIMIT ?) "
+            f"RETURNING {_ASSIGNMENT_COLS}",
+            (worker_id, lease_until, *action_list, limit),
+        ) as cur:
+            found = await cur.fetchall()
         claimed = [rows.assignment_from_row(r) for r in found]
         claimed.sort(key=lambda a: (a.created_at, a.id))
         return claimed
