@@ -22,7 +22,11 @@ DEFAULT_LISTEN = "127.0.0.1:50051"
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="levante", description="A lazy, persistent workflow engine.")
-    p.add_argument("--log-level", default=os.environ.get("LEVANTE_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level",
+        default=os.environ.get("LEVANTE_LOG_LEVEL"),
+        help="DEBUG, INFO, WARNING... (default: INFO for serve and worker, WARNING otherwise)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the engine's gRPC server")
@@ -72,8 +76,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    level = args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING")
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )

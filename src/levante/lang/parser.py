@@ -34,7 +34,8 @@ from typing import Any, Final, NoReturn, TypeAlias
 import yaml
 from yaml.reader import ReaderError
 
-from levante.errors import DefinitionError
+from levante.errors import DefinitionError, ExpressionError
+from levante.lang import expressions
 from levante.lang.spec import (
     ENGINE_COMMANDS,
     ActionSpec,
@@ -1230,7 +1231,7 @@ def parse_document(text: str | bytes) -> Document:
             _fail("", f"top-level keys must be non-empty text, not {key!r}", entry.key_line)
     name = root.get("name")
     if name is not None and not isinstance(name.value, _Map):
-        return _workbook(root)
+        return _checked_expressions(_workbook(root))
     for key in ("workflows", "actions"):
         section = root.get(key)
         if section is None or not isinstance(section.value, _Map):
@@ -1242,7 +1243,48 @@ def parse_document(text: str | bytes) -> Document:
                 "a workflows document holds 'version' and workflows only",
                 section.key_line,
             )
-    return _workflows_document(root)
+    return _checked_expressions(_workflows_document(root))
+
+
+def _checked_expressions(document: Document) -> Document:
+    """Refuse expressions that do not parse, naming the task (and line) that holds them."""
+    for workflow in document.workflows.values():
+        where = f"workflow '{workflow.name}'"
+        for what, value in (("output", workflow.output), ("output-on-error",
+                            workflow.output_on_error), ("vars", dict(workflow.vars))):  # fmt: skip
+            _check_expression(value, f"{where}: {what}", workflow.line)
+        for task in workflow.tasks.values():
+            at = f"{where}: task '{task.name}'"
+            for what, value in (
+                ("action", task.action), ("workflow", task.workflow),
+                ("input", dict(task.input)), ("input", task.input_expression),
+                ("publish", dict(task.publish)), ("publish-on-error", dict(task.publish_on_error)),
+                ("with-items", task.with_items.variables if task.with_items else None),
+                ("policies", task.policies), ("keep-result", task.keep_result),
+                ("target", task.target),
+            ):  # fmt: skip
+                _check_expression(value, f"{at}: {what}", task.line)
+            for clause in task.clauses():
+                _check_expression(dict(clause.publish), f"{at}: publish", clause.line)
+                _check_expression(dict(clause.publish_global), f"{at}: publish", clause.line)
+                for t in clause.transitions:
+                    line = t.line or clause.line or task.line
+                    _check_expression(t.condition, f"{at}: transition to '{t.target}'", line)
+                    _check_expression(dict(t.params), f"{at}: '{t.target}' parameters", line)
+    for action in document.actions.values():
+        at = f"action '{action.name}'"
+        _check_expression(dict(action.base_input), f"{at}: base-input", action.line)
+        _check_expression(action.output, f"{at}: output", action.line)
+    return document
+
+
+def _check_expression(value: Any, where: str, line: int | None) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    try:
+        expressions.check_syntax(value)
+    except ExpressionError as e:
+        raise DefinitionError(f"{where}: {e}", line) from None
 
 
 def _workflows_document(root: _Map) -> Document:
