@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from levante.core.decide import bind_input, decide
+from levante.core.support import unsupported_features
 from levante.core.model import (
     AssignmentCompleted,
     AssignmentState,
@@ -38,6 +39,7 @@ from levante.core.model import (
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
+    DefinitionError,
     InvalidInputError,
     NotFoundError,
 )
@@ -122,6 +124,10 @@ class Engine:
     async def register(self, text: str) -> list[str]:
         """Parse, validate and store a document; returns the workflow names it defines."""
         document = parse_document(text)
+        unsupported = unsupported_features(document)
+        if unsupported:
+            line, message = unsupported[0]
+            raise DefinitionError(message, line)
         names = list(document.workflows)
         definition_id = await self.store.save_definition(text, names, self._clock())
         self._documents[definition_id] = document

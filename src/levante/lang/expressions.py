@@ -706,7 +706,7 @@ class _Sandbox(SandboxedEnvironment):
         target = _mutation_target(__obj, args)
         if target is not None and modifies_known_mutable(*target):
             state = __context.get(_JINJA_STATE_KEY)
-            if not isinstance(state, _JinjaState) or state.protects(target[0]):
+            if not isinstance(state, _JinjaState) or state._protects(target[0]):
                 raise SecurityError(f"{target[1]}() would modify data the expression does not own")
         return super().call(__context, __obj, *args, **kwargs)
 
@@ -747,7 +747,7 @@ class _JinjaState:
         self._pending.append(value)
         return value
 
-    def protects(self, obj: Any) -> bool:
+    def _protects(self, obj: Any) -> bool:
         """Whether ``obj`` is (inside) the data context or a value from the host."""
         while self._pending:
             stack = [self._pending.pop()]
@@ -808,17 +808,28 @@ def _make_function_filter(name: str) -> Callable[..., Any]:
     return function_filter
 
 
+_PASS_PARAMETERS: Final = frozenset({"context", "eval_ctx", "environment"})
+
+
 def _checked_filter(
     original: Callable[..., Any], check: Callable[[inspect.BoundArguments], None]
 ) -> Callable[..., Any]:
-    signature = inspect.signature(original)
+    """Wrap a built-in filter so that ``check`` sees its arguments by name first."""
+    passes_object = getattr(original, "jinja_pass_arg", None) is not None
+    parameters = list(inspect.signature(original).parameters.values())
+    # Jinja passes the context / eval context / environment first; async variants take
+    # one even when the function they wrap (whose signature we see) does not.
+    if passes_object and parameters and parameters[0].name in _PASS_PARAMETERS:
+        parameters = parameters[1:]
+    visible = inspect.Signature(parameters)
 
     @functools.wraps(original)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        bound = signature.bind(*args, **kwargs)
+        head, rest = (args[:1], args[1:]) if passes_object else ((), args)
+        bound = visible.bind(*rest, **kwargs)
         bound.apply_defaults()
         check(bound)
-        return original(*bound.args, **bound.kwargs)
+        return original(*head, *bound.args, **bound.kwargs)
 
     return wrapper
 
@@ -919,8 +930,10 @@ def _jinja_expression(source: str) -> Callable[..., Any]:
 
 
 def _jinja_grammar_error(source: str) -> ExpressionError | None:
+    # Parse only, as Mistral does: an unknown filter is an evaluation error, not a syntax
+    # error (compiling would reject it).
     try:
-        _jinja_template(source)
+        _JINJA_ENV.parse(source)
     except jinja2.TemplateError as e:
         return ExpressionError(
             f"Invalid grammar of Jinja expression [expression={source}, error=Syntax error '{e}'.]"
