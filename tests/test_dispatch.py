@@ -14,7 +14,6 @@ from levante.engine import Engine
 from levante.ids import AssignmentId
 from levante.store import SqliteStore
 
-
 PARALLEL = """
 version: '2.0'
 parallel:
@@ -65,7 +64,7 @@ async def settle(dispatcher: Dispatcher) -> None:
 
 
 async def test_only_declared_actions_and_never_over_capacity(parts) -> None:  # type: ignore[no-untyped-def]
-    store, engine, dispatcher = parts
+    _store, engine, dispatcher = parts
     only_b = Inbox()
     session_b = WorkerSession("wb", frozenset({"work.b"}), 5, only_b.deliver)
     await dispatcher.attach(session_b, ())

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from levante.core.decide import bind_input, decide
-from levante.core.support import unsupported_features
 from levante.core.model import (
     AssignmentCompleted,
     AssignmentState,
@@ -36,6 +35,7 @@ from levante.core.model import (
     TaskFinished,
     TaskRecord,
 )
+from levante.core.support import unsupported_features
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
