@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        command: Callable[[argparse.Namespace], Awaitable[int]] = {
+        command: Callable[[argparse.Namespace], Coroutine[Any, Any, int]] = {
             "serve": _serve,
             "worker": _worker,
             "run": _run,

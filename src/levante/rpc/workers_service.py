@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 
 import grpc
 
-from levante.core.model import AssignmentRecord
+from levante.core.model import AssignmentRecord, Outcome
 from levante.dispatch import Dispatcher, WorkerSession
 from levante.errors import InvalidArgumentError, LevanteError, StoreError
 from levante.ids import AssignmentId
@@ -59,8 +59,8 @@ class WorkersService(pb_grpc.WorkersServicer):
         try:
             await self._dispatcher.attach(session, [AssignmentId(i) for i in hello.holding])
         except LevanteError as e:
-            code, message = status_for(e)
-            await context.abort(code, message)
+            code, text = status_for(e)
+            await context.abort(code, text)
         reader = asyncio.create_task(self._read(request_iterator, session, outbox))
         reader.add_done_callback(lambda _: outbox.put_nowait(None))
         try:
@@ -110,12 +110,13 @@ class WorkersService(pb_grpc.WorkersServicer):
         try:
             outcome = messages.outcome_of(result)
         except InvalidArgumentError as e:
-            code, text = status_for(e)
-            ack = pb.Ack(task_id=task_id, code=code.name, message=text)
-            outbox.put_nowait(pb.EngineMessage(ack=ack))
-            return
-        ack = await self._ack(task_id, self._dispatcher.result(session, task_id, outcome))
-        outbox.put_nowait(ack)
+            # A worker that cannot say what happened has failed the task: record that,
+            # rather than leave the assignment hanging.
+            outcome = Outcome.failure({"type": "InvalidResult", "message": str(e)})
+        acknowledgement = await self._ack(
+            task_id, self._dispatcher.result(session, task_id, outcome)
+        )
+        outbox.put_nowait(acknowledgement)
 
     @staticmethod
     async def _ack(task_id: AssignmentId, decided: Awaitable[None]) -> pb.EngineMessage:
