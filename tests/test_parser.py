@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,13 @@ from levante.lang.spec import (
     WorkflowSpec,
 )
 
-CONFORMANCE = Path(__file__).parents[1].parent / "shared" / "conformance" / "mistral"
+# The corpus lives beside the checkout (never copied in); LEVANTE_CONFORMANCE overrides.
+CONFORMANCE = Path(
+    os.environ.get(
+        "LEVANTE_CONFORMANCE",
+        Path(__file__).resolve().parents[1].parent / "shared" / "conformance" / "mistral",
+    )
+)
 
 
 def parse(text: str) -> Document:
