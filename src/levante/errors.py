@@ -7,7 +7,8 @@
     │   └── ExpressionError         an expression that cannot be parsed or evaluated
     ├── NotFoundError               unknown workflow, execution or task
     ├── ConflictError               a request that contradicts what is recorded
-    │   └── AlreadyCompletedError   a different outcome for a task already completed
+    │   ├── AlreadyCompletedError   a different outcome for a task already completed
+    │   └── RequestIdTakenError     another Run with the same request_id committed first
     └── StoreError                  the store failed (driver errors are wrapped in store/)
 
 The gRPC layer maps each class to a status code in one table (rpc/status.py); any
@@ -55,6 +56,10 @@ class ConflictError(LevanteError):
 
 class AlreadyCompletedError(ConflictError):
     """A different outcome arrived for an assignment whose outcome is recorded."""
+
+
+class RequestIdTakenError(ConflictError):
+    """Raised by a store when inserting an execution whose request_id exists already."""
 
 
 class StoreError(LevanteError):

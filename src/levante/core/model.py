@@ -143,6 +143,22 @@ class AssignmentRecord:
     outcome: Outcome | None = None
 
 
+@dataclass(frozen=True)
+class TimerRecord:
+    """A durable timer: fires once at ``due_at`` on whichever engine is alive.
+
+    ``kind`` says what it is for (wait-before, wait-after, retry, timeout); ids are
+    derived from the task and attempt, so a timer is never scheduled twice.
+    """
+
+    id: str
+    execution_id: ExecutionId
+    kind: str
+    due_at: float
+    task_id: TaskId | None = None
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
 # ---------------------------------------------------------------- events
 
 
@@ -185,7 +201,13 @@ class ExecutionDrained:
     now: float
 
 
-Event = ExecutionStarted | AssignmentCompleted | TaskFinished | ExecutionDrained
+@dataclass(frozen=True)
+class TimerFired:
+    timer: TimerRecord
+    now: float
+
+
+Event = ExecutionStarted | AssignmentCompleted | TaskFinished | ExecutionDrained | TimerFired
 
 
 # ---------------------------------------------------------------- commands
@@ -205,7 +227,17 @@ class CancelQueuedAssignments:
     execution_id: ExecutionId
 
 
-Command = DispatchAssignment | CancelQueuedAssignments
+@dataclass(frozen=True)
+class StartTimer:
+    timer: TimerRecord
+
+
+@dataclass(frozen=True)
+class CancelTimer:
+    timer_id: str
+
+
+Command = DispatchAssignment | CancelQueuedAssignments | StartTimer | CancelTimer
 
 
 # ---------------------------------------------------------------- decisions

@@ -20,7 +20,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
-from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord
+from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
 SCHEMA_VERSION = 1
@@ -60,6 +60,19 @@ class StoreTransaction(Protocol):
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None: ...
 
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None: ...
+
+    async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
+        """Insert timers; a timer whose id exists already is left as it is."""
+        ...
+
+    async def delete_timers(self, timer_ids: Collection[str]) -> None: ...
+
+    async def take_timer(self, timer_id: str) -> TimerRecord | None:
+        """Delete the timer and return it; None when it is gone (another engine took it).
+
+        On PostgreSQL this skips a timer locked by another transaction.
+        """
+        ...
 
 
 class Store(Protocol):
@@ -126,3 +139,11 @@ class Store(Protocol):
         ...
 
     async def next_lease_expiry(self) -> float | None: ...
+
+    # -- timers
+
+    async def due_timers(self, now: float, limit: int) -> list[TimerRecord]:
+        """Timers due at ``now`` or earlier, earliest first (read only)."""
+        ...
+
+    async def next_timer_due(self) -> float | None: ...

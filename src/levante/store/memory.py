@@ -11,7 +11,13 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 
-from levante.core.model import AssignmentRecord, AssignmentState, ExecutionRecord, TaskRecord
+from levante.core.model import (
+    AssignmentRecord,
+    AssignmentState,
+    ExecutionRecord,
+    TaskRecord,
+    TimerRecord,
+)
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store.base import StoredDefinition
 
@@ -23,6 +29,7 @@ class _Tables:
         self.assignments: dict[AssignmentId, AssignmentRecord] = {}
         self.task_ids_by_execution: dict[ExecutionId, list[TaskId]] = {}
         self.request_ids: dict[str, ExecutionId] = {}
+        self.timers: dict[str, TimerRecord] = {}
 
 
 class MemoryTransaction:
@@ -32,6 +39,8 @@ class MemoryTransaction:
         self.tasks: dict[TaskId, TaskRecord] = {}
         self.assignments: dict[AssignmentId, AssignmentRecord] = {}
         self.cancelled: list[ExecutionId] = []
+        self.new_timers: dict[str, TimerRecord] = {}
+        self.gone_timers: set[str] = set()
 
     def _execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         return self.executions.get(execution_id) or self._t.executions.get(execution_id)
@@ -94,8 +103,32 @@ class MemoryTransaction:
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
         self.cancelled.append(execution_id)
 
+    async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
+        for timer in timers:
+            exists = timer.id in self.new_timers or (
+                timer.id in self._t.timers and timer.id not in self.gone_timers
+            )
+            if not exists:
+                self.new_timers[timer.id] = timer
+                self.gone_timers.discard(timer.id)
+
+    async def delete_timers(self, timer_ids: Collection[str]) -> None:
+        for timer_id in timer_ids:
+            self.new_timers.pop(timer_id, None)
+            self.gone_timers.add(timer_id)
+
+    async def take_timer(self, timer_id: str) -> TimerRecord | None:
+        timer = self.new_timers.pop(timer_id, None)
+        if timer is None and timer_id not in self.gone_timers:
+            timer = self._t.timers.get(timer_id)
+        self.gone_timers.add(timer_id)
+        return timer
+
     def commit(self) -> None:
         t = self._t
+        for timer_id in self.gone_timers:
+            t.timers.pop(timer_id, None)
+        t.timers.update(self.new_timers)
         for e in self.executions.values():
             t.executions[e.id] = e
             if e.request_id is not None:
@@ -234,3 +267,11 @@ class MemoryStore:
             if a.state == AssignmentState.LEASED and a.lease_expires_at is not None
         ]
         return min(leases, default=None)
+
+    async def due_timers(self, now: float, limit: int) -> list[TimerRecord]:
+        due = sorted((t for t in self._t.timers.values() if t.due_at <= now),
+                     key=lambda t: t.due_at)  # fmt: skip
+        return due[:limit]
+
+    async def next_timer_due(self) -> float | None:
+        return min((t.due_at for t in self._t.timers.values()), default=None)

@@ -18,6 +18,7 @@ from levante.core.model import (
     Outcome,
     TaskRecord,
     TaskState,
+    TimerRecord,
 )
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
@@ -37,6 +38,9 @@ ASSIGNMENT_COLUMNS = (
     "id", "task_id", "execution_id", "task_name", "action", "input", "attempt", "state",
     "worker_id", "lease_expires_at", "outcome_ok", "outcome", "created_at",
 )  # fmt: skip
+
+
+TIMER_COLUMNS = ("id", "execution_id", "task_id", "kind", "due_at", "payload")
 
 
 def dump(value: Any) -> str:
@@ -131,4 +135,19 @@ def assignment_from_row(r: Sequence[Any]) -> AssignmentRecord:
         lease_expires_at=None if r[9] is None else float(r[9]),
         outcome=outcome,
         created_at=float(r[12]),
+    )
+
+
+def timer_row(t: TimerRecord) -> tuple[Any, ...]:
+    return (t.id, t.execution_id, t.task_id, t.kind, t.due_at, dump(t.payload))
+
+
+def timer_from_row(r: Sequence[Any]) -> TimerRecord:
+    return TimerRecord(
+        id=r[0],
+        execution_id=ExecutionId(r[1]),
+        task_id=None if r[2] is None else TaskId(r[2]),
+        kind=r[3],
+        due_at=float(r[4]),
+        payload=load(r[5]),
     )

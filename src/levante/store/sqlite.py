@@ -20,7 +20,7 @@ from typing import Any
 
 import aiosqlite
 
-from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord
+from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
 from levante.errors import StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
@@ -98,6 +98,18 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX assignments_by_worker ON assignments(worker_id, state);
     CREATE INDEX assignments_by_execution ON assignments(execution_id, state);
     """,
+    2: """
+    CREATE TABLE timers (
+        id TEXT PRIMARY KEY,
+        execution_id TEXT NOT NULL,
+        task_id TEXT,
+        kind TEXT NOT NULL,
+        due_at REAL NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX timers_due ON timers(due_at);
+    CREATE INDEX timers_by_execution ON timers(execution_id);
+    """,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
@@ -120,6 +132,7 @@ _ASSIGNMENT_COLS = ", ".join(rows.ASSIGNMENT_COLUMNS)
 _UPSERT_TASK = _upsert_sql("tasks", rows.TASK_COLUMNS)
 _UPSERT_ASSIGNMENT = _upsert_sql("assignments", rows.ASSIGNMENT_COLUMNS)
 _UPSERT_EXECUTION = _upsert_sql("executions", rows.EXECUTION_COLUMNS)
+_TIMER_COLS = ", ".join(rows.TIMER_COLUMNS)
 
 
 class SqliteTransaction:
@@ -203,6 +216,27 @@ class SqliteTransaction:
             "UPDATE assignments SET state='CANCELLED' WHERE execution_id=? AND state='QUEUED'",
             (execution_id,),
         )
+
+    async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
+        if timers:
+            await self._db.executemany(
+                f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_placeholders(6)}) "
+                "ON CONFLICT(id) DO NOTHING",
+                [rows.timer_row(t) for t in timers],
+            )
+
+    async def delete_timers(self, timer_ids: Collection[str]) -> None:
+        ids = list(timer_ids)
+        if ids:
+            await self._db.execute(
+                f"DELETE FROM timers WHERE id IN ({_placeholders(len(ids))})", ids
+            )
+
+    async def take_timer(self, timer_id: str) -> TimerRecord | None:
+        row = await self._one(
+            f"DELETE FROM timers WHERE id=? RETURNING {_TIMER_COLS}", (timer_id,)
+        )
+        return None if row is None else rows.timer_from_row(row)
 
 
 class SqliteStore:
@@ -425,5 +459,20 @@ class SqliteStore:
         async with self._r.execute(
             "SELECT MIN(lease_expires_at) FROM assignments WHERE state='LEASED'"
         ) as cur:
+            row = await cur.fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # -- timers
+
+    async def due_timers(self, now: float, limit: int) -> list[TimerRecord]:
+        async with self._r.execute(
+            f"SELECT {_TIMER_COLS} FROM timers WHERE due_at <= ? ORDER BY due_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            found = await cur.fetchall()
+        return [rows.timer_from_row(r) for r in found]
+
+    async def next_timer_due(self) -> float | None:
+        async with self._r.execute("SELECT MIN(due_at) FROM timers") as cur:
             row = await cur.fetchone()
         return None if row is None or row[0] is None else float(row[0])
