@@ -40,6 +40,7 @@ class WorkerSession:
     actions: frozenset[str]
     capacity: int
     deliver: Callable[[AssignmentRecord], Awaitable[None]]
+    targets: frozenset[str] = frozenset()
     in_flight: set[AssignmentId] = field(default_factory=set)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -147,8 +148,9 @@ class Dispatcher:
                 continue
             try:
                 claimed = await self._store.claim_assignments(
-                    session.worker_id, session.actions, free, self._clock() + self.lease_seconds
-                )
+                    session.worker_id, session.actions, free,
+                    self._clock() + self.lease_seconds, session.targets,
+                )  # fmt: skip
             except Exception:
                 log.exception("claiming work for worker %s failed; retrying", session.worker_id)
                 await asyncio.sleep(0.5)

@@ -1,11 +1,12 @@
 """The lazy engine: lock -> load -> decide -> save -> commit -> wake.
 
-An Engine holds no execution state between calls. Each verb is one store
-transaction that loads only the rows its event touches (the execution row, the task,
-the successors that are joins, the tasks named in ``task('x')`` expressions), asks the
-pure core what follows, writes the decision back, and decides any follow-up events
-(tasks that finish inline, such as ``std.noop`` tasks) in the same transaction. Workers
-are woken only after the commit. Parsed workflow definitions are cached: they are
+An Engine holds no execution state between calls. Each verb is one store transaction
+that loads only the rows its event touches (the execution row, the task, the joins
+among its successors, the tasks named in ``task('x')`` expressions, the next held
+with-items assignment), asks the pure core what follows, writes the decision back,
+and carries out its commands and follow-up events (inline noop tasks, subworkflows
+starting or ending, with-items settling) in the same transaction. Workers, timers
+and waiters are told only after the commit. Parsed definitions are cached: they are
 immutable and derived from the store.
 """
 
@@ -19,21 +20,30 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from levante.core.decide import bind_input, decide
+from levante.core.decide import bind_input, check_params, decide
 from levante.core.model import (
     AssignmentCompleted,
+    AssignmentRecord,
     AssignmentState,
     CancelQueuedAssignments,
+    CancelTaskAssignments,
+    CancelTimer,
+    ChildExecutionEnded,
     Decision,
     DispatchAssignment,
     Event,
     ExecutionDrained,
     ExecutionRecord,
     ExecutionStarted,
+    ItemsSettled,
     Outcome,
     Snapshot,
+    StartChildExecution,
+    StartTimer,
     TaskFinished,
     TaskRecord,
+    TimerFired,
+    TimerRecord,
 )
 from levante.core.support import unsupported_features
 from levante.errors import (
@@ -41,18 +51,20 @@ from levante.errors import (
     ConflictError,
     DefinitionError,
     InvalidInputError,
+    LevanteError,
     NotFoundError,
+    RequestIdTakenError,
 )
-from levante.ids import AssignmentId, DefinitionId, ExecutionId
+from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.lang import expressions
 from levante.lang.parser import parse_document
 from levante.lang.spec import Document, WorkflowSpec
-from levante.store.base import Store
+from levante.store.base import Store, StoreTransaction
 
 log = logging.getLogger("levante.engine")
 
-# A cascade of tasks that finish inline (noop tasks) in one transaction stops here,
-# so that a cycle of action-less tasks cannot spin forever inside the store.
+# A cascade of follow-ups (inline noop tasks, subworkflows) in one transaction stops
+# here, so that a cycle of action-less tasks cannot spin forever inside the store.
 MAX_STEPS_PER_TRANSACTION = 10_000
 
 
@@ -60,30 +72,27 @@ MAX_STEPS_PER_TRANSACTION = 10_000
 class _WorkflowIndex:
     """What the engine derives once per workflow version to load only what it needs."""
 
+    definition_id: DefinitionId
     spec: WorkflowSpec
     referenced: frozenset[str]  # task names read by task('x') expressions
-    join_successors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    waiting_successors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def names_to_load(self, task_name: str) -> set[str]:
-        return {task_name, *self.join_successors.get(task_name, ()), *self.referenced}
+        return {task_name, *self.waiting_successors.get(task_name, ()), *self.referenced}
 
 
-def _index(spec: WorkflowSpec) -> _WorkflowIndex:
+def _index(definition_id: DefinitionId, spec: WorkflowSpec) -> _WorkflowIndex:
     referenced: set[str] = set()
     dynamic = False
+    values: list[Any] = [spec.output, spec.output_on_error]
     for task in spec.tasks.values():
-        values: list[Any] = [
-            task.action, task.workflow, dict(task.input), dict(task.publish),
-            dict(task.publish_on_error),
-        ]  # fmt: skip
+        values += [task.action, task.workflow, dict(task.input), task.input_expression,
+                   dict(task.publish), dict(task.publish_on_error), task.keep_result,
+                   task.policies.retry and vars(task.policies.retry), task.policies.fail_on]
         for clause in task.clauses():
+            values += [dict(clause.publish), dict(clause.publish_global)]
             values.extend((t.condition, dict(t.params)) for t in clause.transitions)
-        names = expressions.referenced_task_names(values)
-        if names is None:
-            dynamic = True
-        else:
-            referenced |= names
-    for value in (spec.output, spec.output_on_error):
+    for value in values:
         names = expressions.referenced_task_names(value)
         if names is None:
             dynamic = True
@@ -91,15 +100,38 @@ def _index(spec: WorkflowSpec) -> _WorkflowIndex:
             referenced |= names
     if dynamic:
         referenced = set(spec.tasks)
-    join_successors = {
-        name: tuple(n for n in task.next_task_names() if spec.task(n).join is not None)
-        for name, task in spec.tasks.items()
-    }
-    return _WorkflowIndex(spec, frozenset(referenced & set(spec.tasks)), join_successors)
+    waiting: dict[str, tuple[str, ...]] = {}
+    for name, task in spec.tasks.items():
+        if spec.type == "reverse":
+            waiting[name] = spec.dependent_task_names(name)
+        else:
+            waiting[name] = tuple(n for n in task.next_task_names() if spec.task(n).join)
+    return _WorkflowIndex(definition_id, spec, frozenset(referenced & set(spec.tasks)), waiting)
+
+
+@dataclass
+class _Effects:
+    """What to tell the world once the transaction has committed."""
+
+    actions: set[str] = field(default_factory=set)
+    earliest_timer: float | None = None
+    ended: set[ExecutionId] = field(default_factory=set)
+
+    def timer(self, due: float) -> None:
+        self.earliest_timer = due if self.earliest_timer is None else min(self.earliest_timer, due)
+
+
+@dataclass
+class EngineListeners:
+    """Called after commits: queued work, a new timer, executions that ended."""
+
+    on_dispatch: Callable[[Collection[str]], None] | None = None
+    on_timer: Callable[[float], None] | None = None
+    on_ended: Callable[[Collection[ExecutionId]], None] | None = None
 
 
 class Engine:
-    """The two verbs (run, complete) plus registration and reads, over one Store."""
+    """The two verbs (run, complete), timers firing, registration and reads, over one Store."""
 
     def __init__(
         self,
@@ -110,14 +142,14 @@ class Engine:
         new_execution_id: Callable[[], str] = lambda: uuid.uuid4().hex,
     ) -> None:
         self.store = store
-        self._on_dispatch = on_dispatch
+        self.listeners = EngineListeners(on_dispatch=on_dispatch)
         self._clock = clock
         self._new_execution_id = new_execution_id
         self._documents: dict[DefinitionId, Document] = {}
         self._indexes: dict[tuple[DefinitionId, str], _WorkflowIndex] = {}
 
     def set_dispatch_listener(self, listener: Callable[[Collection[str]], None]) -> None:
-        self._on_dispatch = listener
+        self.listeners.on_dispatch = listener
 
     # -- definitions
 
@@ -148,15 +180,14 @@ class Engine:
         spec = document.workflows.get(name)
         if spec is None:
             raise NotFoundError(f"workflow '{name}' not found in definition {definition_id}")
-        index = self._indexes[key] = _index(spec)
+        index = self._indexes[key] = _index(definition_id, spec)
         return index
 
-    async def find_workflow(self, name: str) -> tuple[DefinitionId, WorkflowSpec]:
+    async def find_workflow(self, name: str) -> _WorkflowIndex:
         stored = await self.store.find_workflow(name)
         if stored is None:
             raise NotFoundError(f"workflow '{name}' not found")
-        index = await self._workflow(stored.id, name)
-        return stored.id, index.spec
+        return await self._workflow(stored.id, name)
 
     # -- Run
 
@@ -173,30 +204,37 @@ class Engine:
             await self.register(definition)
         if not workflow:
             raise InvalidInputError("workflow: a workflow name is required")
-        definition_id, spec = await self.find_workflow(workflow)
+        index = await self.find_workflow(workflow)
         params = dict(params or {})
-        _check_params(params)
-        bound = bind_input(spec, dict(input or {}))
-        index = await self._workflow(definition_id, workflow)
-        dispatched: set[str] = set()
-        async with self.store.transaction() as tx:
-            if request_id:
+        check_params(index.spec, params)
+        bound = bind_input(index.spec, dict(input or {}))
+        effects = _Effects()
+        try:
+            async with self.store.transaction() as tx:
+                if request_id:
+                    existing = await tx.find_execution_by_request_id(request_id)
+                    if existing is not None:
+                        return existing
+                event = ExecutionStarted(
+                    execution_id=ExecutionId(self._new_execution_id()),
+                    workflow=workflow,
+                    definition_id=index.definition_id,
+                    input=bound,
+                    params=params,
+                    request_id=request_id or None,
+                    now=self._clock(),
+                )
+                decision = decide(index.spec, None, event)
+                await tx.insert_execution(decision.execution)
+                await self._apply(tx, decision, effects)
+        except RequestIdTakenError:
+            assert request_id
+            async with self.store.transaction() as tx:  # another replica won the race
                 existing = await tx.find_execution_by_request_id(request_id)
-                if existing is not None:
-                    return existing
-            event = ExecutionStarted(
-                execution_id=ExecutionId(self._new_execution_id()),
-                workflow=workflow,
-                definition_id=definition_id,
-                input=bound,
-                params=params,
-                request_id=request_id or None,
-                now=self._clock(),
-            )
-            decision = decide(spec, None, event)
-            await tx.insert_execution(decision.execution)
-            await self._apply(tx, index, decision, dispatched)
-        self._wake(dispatched)
+            if existing is None:
+                raise
+            return existing
+        self._notify(effects)
         return event.execution_id
 
     # -- TaskComplete
@@ -210,7 +248,7 @@ class Engine:
         found = await self.store.get_assignment(assignment_id)
         if found is None:
             raise NotFoundError(f"task_id '{assignment_id}' not found")
-        dispatched: set[str] = set()
+        effects = _Effects()
         async with self.store.transaction() as tx:
             execution = await tx.lock_execution(found.execution_id)
             assignment = await tx.get_assignment(assignment_id)
@@ -224,23 +262,42 @@ class Engine:
                 )
             if assignment.state == AssignmentState.CANCELLED:
                 raise ConflictError(
-                    f"task_id '{assignment_id}' was cancelled: execution {execution.id} "
-                    f"is {execution.state.value}"
+                    f"task_id '{assignment_id}' was cancelled (its task ended or execution "
+                    f"{execution.id} is {execution.state.value})"
                 )
-            task = await tx.get_task(assignment.task_id)
-            if task is None:
-                raise NotFoundError(f"task '{assignment.task_id}' not found")
-            index = await self._workflow(execution.definition_id, execution.workflow)
-            snapshot = Snapshot(
-                execution=execution,
-                tasks=await tx.latest_tasks(execution.id, index.names_to_load(task.name)),
-                task=task,
-                assignment=assignment,
+            if assignment.state == AssignmentState.CHILD:
+                raise ConflictError(
+                    f"task_id '{assignment_id}' is carried out by subworkflow execution "
+                    f"{assignment.id}; it completes when that execution ends"
+                )
+            event = AssignmentCompleted(assignment.id, assignment.task_id, outcome, self._clock())
+            index, snapshot = await self._snapshot_for_task(
+                tx, {execution.id: execution}, assignment.task_id, assignment
             )
-            event = AssignmentCompleted(assignment.id, task.id, outcome, self._clock())
-            decision = decide(index.spec, snapshot, event)
-            await self._apply(tx, index, decision, dispatched)
-        self._wake(dispatched)
+            await self._apply(tx, decide(index.spec, snapshot, event), effects)
+        self._notify(effects)
+
+    # -- timers
+
+    async def fire_timer(self, timer: TimerRecord) -> bool:
+        """Fire one due timer in its own transaction; False if another engine took it."""
+        effects = _Effects()
+        async with self.store.transaction() as tx:
+            taken = await tx.take_timer(timer.id)
+            if taken is None:
+                return False
+            execution = await tx.lock_execution(taken.execution_id)
+            if execution is None or execution.state.is_final or taken.task_id is None:
+                return True
+            previous = taken.payload.get("assignment_id")
+            assignment = None if previous is None else await tx.get_assignment(previous)
+            index, snapshot = await self._snapshot_for_task(
+                tx, {execution.id: execution}, taken.task_id, assignment
+            )
+            decision = decide(index.spec, snapshot, TimerFired(taken, self._clock()))
+            await self._apply(tx, decision, effects)
+        self._notify(effects)
+        return True
 
     # -- reads
 
@@ -252,61 +309,151 @@ class Engine:
             raise NotFoundError(f"execution '{execution_id}' not found")
         return execution, await self.store.list_tasks(execution_id)
 
-    # -- the loop around decide
+    # -- loading what an event touches
 
-    async def _apply(
-        self, tx: Any, index: _WorkflowIndex, first: Decision, dispatched: set[str]
-    ) -> None:
-        """Write a decision, then decide and write its follow-ups, all in ``tx``."""
+    async def _execution(
+        self, tx: StoreTransaction, executions: dict[ExecutionId, ExecutionRecord],
+        execution_id: ExecutionId,
+    ) -> ExecutionRecord:  # fmt: skip
+        execution = executions.get(execution_id)
+        if execution is None:
+            execution = await tx.lock_execution(execution_id)
+            if execution is None:
+                raise NotFoundError(f"execution '{execution_id}' not found")
+            executions[execution_id] = execution
+        return execution
+
+    async def _snapshot_for_task(
+        self,
+        tx: StoreTransaction,
+        executions: dict[ExecutionId, ExecutionRecord],
+        task_id: TaskId,
+        assignment: AssignmentRecord | None,
+        all_assignments: bool = False,
+    ) -> tuple[_WorkflowIndex, Snapshot]:
+        task = await tx.get_task(task_id)
+        if task is None:
+            raise NotFoundError(f"task '{task_id}' not found")
+        execution = await self._execution(tx, executions, task.execution_id)
+        index = await self._workflow(execution.definition_id, execution.workflow)
+        latest = await tx.latest_tasks(execution.id, index.names_to_load(task.name))
+        if all_assignments:
+            assignments = tuple(await tx.task_assignments(task.id))
+        else:
+            assignments = await self._next_held(tx, task)
+        return index, Snapshot(execution, latest, task, assignment, assignments)
+
+    @staticmethod
+    async def _next_held(tx: StoreTransaction, task: TaskRecord) -> tuple[AssignmentRecord, ...]:
+        """The next with-items assignment held back by concurrency, if there is one."""
+        items, started = task.runtime.get("items"), task.runtime.get("started")
+        if not isinstance(items, int) or not isinstance(started, int) or started >= items:
+            return ()
+        held = await tx.get_assignment(AssignmentId(f"{task.id}/{started}"))
+        return () if held is None or held.state != AssignmentState.HELD else (held,)
+
+    async def _load(
+        self, tx: StoreTransaction, executions: dict[ExecutionId, ExecutionRecord], event: Event
+    ) -> tuple[_WorkflowIndex, Snapshot]:
+        match event:
+            case TaskFinished(task_id=task_id):
+                return await self._snapshot_for_task(tx, executions, task_id, None)
+            case ItemsSettled(task_id=task_id):
+                return await self._snapshot_for_task(tx, executions, task_id, None, True)
+            case ChildExecutionEnded(parent_task_id=parent, child_execution_id=child):
+                handle = await tx.get_assignment(AssignmentId(child))
+                return await self._snapshot_for_task(tx, executions, parent, handle)
+            case ExecutionDrained(execution_id=execution_id):
+                execution = await self._execution(tx, executions, execution_id)
+                index = await self._workflow(execution.definition_id, execution.workflow)
+                waiting = await tx.waiting_tasks(execution.id)
+                return index, Snapshot(execution, {t.name: t for t in waiting})
+            case _:
+                raise AssertionError(f"not a follow-up event: {event!r}")
+
+    # -- carrying out a decision
+
+    async def _apply(self, tx: StoreTransaction, first: Decision, effects: _Effects) -> None:
+        """Write a decision, carry out its commands, decide its follow-ups: all in ``tx``."""
+        executions: dict[ExecutionId, ExecutionRecord] = {}
         pending: deque[Decision] = deque([first])
         steps = 0
         while pending:
             decision = pending.popleft()
+            execution = decision.execution
+            executions[execution.id] = execution
             await tx.save_tasks(decision.tasks)
             await tx.save_assignments(decision.assignments)
-            await tx.update_execution(decision.execution)
+            await tx.update_execution(execution)
+            if execution.state.is_final:
+                effects.ended.add(execution.id)
+            followups: list[Event] = list(decision.followups)
             for command in decision.commands:
                 match command:
                     case DispatchAssignment(assignment=a):
-                        dispatched.add(a.action)
+                        effects.actions.add(a.action)
                     case CancelQueuedAssignments(execution_id=execution_id):
                         await tx.cancel_queued_assignments(execution_id)
-            for followup in decision.followups:
+                    case CancelTaskAssignments(task_id=task_id):
+                        await tx.cancel_task_assignments(task_id)
+                    case StartTimer(timer=timer):
+                        await tx.save_timers([timer])
+                        effects.timer(timer.due_at)
+                    case CancelTimer(timer_id=timer_id):
+                        await tx.delete_timers([timer_id])
+                    case StartChildExecution():
+                        started = await self._start_child(tx, execution, command)
+                        if isinstance(started, Decision):
+                            await tx.insert_execution(started.execution)
+                            pending.append(started)
+                        else:
+                            followups.append(started)
+            for followup in followups:
                 steps += 1
                 if steps > MAX_STEPS_PER_TRANSACTION:
                     raise ConflictError(
-                        f"execution {decision.execution.id}: more than "
-                        f"{MAX_STEPS_PER_TRANSACTION} inline steps in one transaction "
-                        "(a cycle of tasks without actions?)"
+                        f"execution {execution.id}: more than {MAX_STEPS_PER_TRANSACTION} "
+                        "inline steps in one transaction (a cycle of tasks without actions?)"
                     )
-                snapshot = await self._load(tx, index, decision.execution, followup)
+                index, snapshot = await self._load(tx, executions, followup)
                 pending.append(decide(index.spec, snapshot, followup))
 
-    async def _load(
-        self, tx: Any, index: _WorkflowIndex, execution: ExecutionRecord, event: Event
-    ) -> Snapshot:
-        match event:
-            case TaskFinished(task_id=task_id):
-                task = await tx.get_task(task_id)
-                assert task is not None, f"follow-up for unknown task {task_id}"
-                names = index.names_to_load(task.name)
-                return Snapshot(execution, await tx.latest_tasks(execution.id, names), task)
-            case ExecutionDrained():
-                waiting = await tx.waiting_tasks(execution.id)
-                return Snapshot(execution, {t.name: t for t in waiting})
-            case _:
-                raise AssertionError(f"not a follow-up event: {event!r}")
+    async def _start_child(
+        self, tx: StoreTransaction, parent: ExecutionRecord, command: StartChildExecution
+    ) -> Decision | ChildExecutionEnded:
+        """The first decision of a subworkflow, or its failure to start as an event."""
+        parent_index = await self._workflow(parent.definition_id, parent.workflow)
+        workbook = parent_index.spec.workbook
+        names = [f"{workbook}.{command.workflow}"] if workbook else []
+        names.append(command.workflow)
+        try:
+            for name in names:
+                stored = await self.store.find_workflow(name)
+                if stored is not None:
+                    index = await self._workflow(stored.id, name)
+                    break
+            else:
+                raise NotFoundError(f"workflow '{command.workflow}' not found")
+            check_params(index.spec, command.params)
+            bound = bind_input(index.spec, dict(command.input))
+        except LevanteError as e:
+            return ChildExecutionEnded(
+                command.parent_task_id, command.execution_id, command.item,
+                Outcome.failure({"result": str(e)}), self._clock(),
+            )  # fmt: skip
+        event = ExecutionStarted(
+            execution_id=command.execution_id, workflow=index.spec.name,
+            definition_id=index.definition_id, input=bound, params=dict(command.params),
+            request_id=None, now=self._clock(), parent_task_id=command.parent_task_id,
+            item=command.item,
+        )  # fmt: skip
+        return decide(index.spec, None, event)
 
-    def _wake(self, actions: Collection[str]) -> None:
-        if actions and self._on_dispatch is not None:
-            self._on_dispatch(actions)
-
-
-def _check_params(params: Mapping[str, Any]) -> None:
-    env = params.get("env")
-    if env is not None and not isinstance(env, Mapping):
-        raise InvalidInputError("params_json.env: must be a JSON object")
-    task_name = params.get("task_name")
-    if task_name is not None and not isinstance(task_name, str):
-        raise InvalidInputError("params_json.task_name: must be a string")
-
+    def _notify(self, effects: _Effects) -> None:
+        listeners = self.listeners
+        if effects.actions and listeners.on_dispatch is not None:
+            listeners.on_dispatch(effects.actions)
+        if effects.earliest_timer is not None and listeners.on_timer is not None:
+            listeners.on_timer(effects.earliest_timer)
+        if effects.ended and listeners.on_ended is not None:
+            listeners.on_ended(effects.ended)

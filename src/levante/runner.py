@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ from levante.engine import Engine
 from levante.errors import LevanteError
 from levante.ids import ExecutionId
 from levante.store import store_for
+from levante.timers import Timekeeper
 from levante.worker.invoke import invoke_action
 from levante.worker.registry import ActionContext, ActionRegistry
 from levante.worker.std import std_actions
@@ -96,6 +97,9 @@ class LocalEngine:
         self.engine = Engine(self.store)
         self.dispatcher = Dispatcher(self.store, self.engine)
         self.engine.set_dispatch_listener(self.dispatcher.notify)
+        self.timekeeper = Timekeeper(self.store, self.engine)
+        self.engine.listeners.on_timer = self.timekeeper.scheduled
+        self.engine.listeners.on_ended = self._ended
         self.registry = std_actions()
         if isinstance(actions, ActionRegistry):
             self.registry = self.registry.include(actions)
@@ -105,7 +109,7 @@ class LocalEngine:
         self._concurrency = concurrency
         self._session: WorkerSession | None = None
         self._running: set[asyncio.Task[None]] = set()
-        self._waiters: dict[ExecutionId, list[asyncio.Future[ExecutionRecord]]] = {}
+        self._waiters: dict[ExecutionId, list[asyncio.Future[object]]] = {}
 
     async def __aenter__(self) -> LocalEngine:
         await self.start_engine()
@@ -117,6 +121,7 @@ class LocalEngine:
     async def start_engine(self) -> None:
         await self.store.open()
         await self.dispatcher.start()
+        self.timekeeper.start()
         self._session = WorkerSession(
             worker_id=LOCAL_WORKER_ID,
             actions=frozenset(self.registry.names()),
@@ -133,6 +138,7 @@ class LocalEngine:
                 await task
         if self._session is not None:
             await self.dispatcher.detach(self._session)
+        await self.timekeeper.close()
         await self.dispatcher.close()
         await self.store.close()
 
@@ -158,7 +164,7 @@ class LocalEngine:
         key = ExecutionId(execution_id)
         execution = await self.store.get_execution(key)
         if execution is None or not execution.state.is_final:
-            future: asyncio.Future[ExecutionRecord] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(key, []).append(future)
             await self._check_final(key)
             await future
@@ -209,6 +215,12 @@ class LocalEngine:
         if assignment is not None:
             await self._check_final(assignment.execution_id)
 
+    def _ended(self, execution_ids: Collection[ExecutionId]) -> None:
+        for execution_id in execution_ids:
+            for future in self._waiters.pop(execution_id, []):
+                if not future.done():
+                    future.set_result(execution_id)
+
     async def _check_final(self, execution_id: ExecutionId) -> None:
         waiters = self._waiters.get(execution_id)
         if not waiters:
@@ -217,7 +229,7 @@ class LocalEngine:
         if execution is not None and execution.state.is_final:
             for future in self._waiters.pop(execution_id, []):
                 if not future.done():
-                    future.set_result(execution)
+                    future.set_result(execution_id)
 
 
 class _LoopThread:

@@ -53,9 +53,11 @@ _FINAL_TASK_STATES = frozenset({TaskState.SUCCESS, TaskState.ERROR, TaskState.CA
 
 
 class AssignmentState(StrEnum):
+    HELD = "HELD"  # created but held back (with-items concurrency)
     QUEUED = "QUEUED"  # ready, waiting for a worker
     LEASED = "LEASED"  # handed to a worker whose lease is live
     DEFERRED = "DEFERRED"  # the action is asynchronous; the outcome comes through TaskComplete
+    CHILD = "CHILD"  # a subworkflow execution carries it out
     DONE = "DONE"  # outcome recorded
     CANCELLED = "CANCELLED"  # its execution ended before it ran
 
@@ -98,6 +100,8 @@ class ExecutionRecord:
     next_seq: int = 1  # sequence for this execution's task ids
     errors: tuple[str, ...] = ()  # unhandled task errors, in order
     request_id: str | None = None
+    parent_task_id: TaskId | None = None  # set for a subworkflow's execution
+    item: int | None = None  # the parent's with-items index of this subworkflow
 
     @property
     def env(self) -> Mapping[str, Any]:
@@ -123,6 +127,9 @@ class TaskRecord:
     assignment_id: AssignmentId | None = None
     arrivals: tuple[str, ...] = ()  # inbound task names that reached this join
     has_next: bool = False  # some transition to another task was taken
+    # Bookkeeping of policies in progress: retry count, with-items counters, a pending
+    # wait-after, the child executions of a workflow task. Small: never grows with items.
+    runtime: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,8 @@ class AssignmentRecord:
     worker_id: str | None = None
     lease_expires_at: float | None = None
     outcome: Outcome | None = None
+    item: int | None = None  # with-items index
+    target: str | None = None  # only workers that declared this target may take it
 
 
 @dataclass(frozen=True)
@@ -171,6 +180,8 @@ class ExecutionStarted:
     params: Mapping[str, Any]
     request_id: str | None
     now: float
+    parent_task_id: TaskId | None = None  # a subworkflow's parent task
+    item: int | None = None
 
 
 @dataclass(frozen=True)
@@ -207,7 +218,34 @@ class TimerFired:
     now: float
 
 
-Event = ExecutionStarted | AssignmentCompleted | TaskFinished | ExecutionDrained | TimerFired
+@dataclass(frozen=True)
+class ItemsSettled:
+    """Internal: every with-items assignment of a task has its outcome."""
+
+    task_id: TaskId
+    now: float
+
+
+@dataclass(frozen=True)
+class ChildExecutionEnded:
+    """Internal: a subworkflow ended; its parent task learns the outcome."""
+
+    parent_task_id: TaskId
+    child_execution_id: ExecutionId
+    item: int | None
+    outcome: Outcome
+    now: float
+
+
+Event = (
+    ExecutionStarted
+    | AssignmentCompleted
+    | TaskFinished
+    | ExecutionDrained
+    | TimerFired
+    | ItemsSettled
+    | ChildExecutionEnded
+)
 
 
 # ---------------------------------------------------------------- commands
@@ -237,7 +275,33 @@ class CancelTimer:
     timer_id: str
 
 
-Command = DispatchAssignment | CancelQueuedAssignments | StartTimer | CancelTimer
+@dataclass(frozen=True)
+class CancelTaskAssignments:
+    """The task ended early (timeout): its open assignments must not count any more."""
+
+    task_id: TaskId
+
+
+@dataclass(frozen=True)
+class StartChildExecution:
+    """Start a subworkflow for a workflow task (in the same transaction)."""
+
+    execution_id: ExecutionId
+    parent_task_id: TaskId
+    item: int | None
+    workflow: str
+    input: Mapping[str, Any]
+    params: Mapping[str, Any]
+
+
+Command = (
+    DispatchAssignment
+    | CancelQueuedAssignments
+    | CancelTaskAssignments
+    | StartTimer
+    | CancelTimer
+    | StartChildExecution
+)
 
 
 # ---------------------------------------------------------------- decisions
@@ -256,6 +320,8 @@ class Snapshot:
     tasks: Mapping[str, TaskRecord] = field(default_factory=dict)
     task: TaskRecord | None = None
     assignment: AssignmentRecord | None = None
+    # ItemsSettled: every assignment of the task; otherwise the next HELD one, if any.
+    assignments: tuple[AssignmentRecord, ...] = ()
 
 
 @dataclass(frozen=True)

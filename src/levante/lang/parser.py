@@ -1247,7 +1247,17 @@ def parse_document(text: str | bytes) -> Document:
 
 
 def _checked_expressions(document: Document) -> Document:
-    """Refuse expressions that do not parse, naming the task (and line) that holds them."""
+    """Refuse expressions that do not parse, naming the task (and line) that holds them.
+
+    Returns the document with each workflow knowing its workbook and ad-hoc actions.
+    """
+    document = dataclasses.replace(
+        document,
+        workflows={
+            name: dataclasses.replace(wf, workbook=document.workbook, actions=document.actions)
+            for name, wf in document.workflows.items()
+        },
+    )
     for workflow in document.workflows.values():
         where = f"workflow '{workflow.name}'"
         for what, value in (("output", workflow.output), ("output-on-error",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 ENGINE_COMMANDS = frozenset({"fail", "succeed", "pause", "noop"})
@@ -145,18 +146,62 @@ class WorkflowSpec:
     description: str = ""
     tags: tuple[str, ...] = ()
     line: int | None = None
+    workbook: str | None = None  # names inside a workbook resolve against it first
+    actions: Mapping[str, ActionSpec] = field(default_factory=dict)  # the document's ad-hoc
 
     def task(self, name: str) -> TaskSpec:
         return self.tasks[name]
 
+    @cached_property
+    def _inbound(self) -> dict[str, tuple[str, ...]]:
+        inbound: dict[str, list[str]] = {name: [] for name in self.tasks}
+        for task in self.tasks.values():
+            sources = task.requires if self.type == "reverse" else ()
+            if self.type == "reverse":
+                inbound[task.name].extend(s for s in sources if s in self.tasks)
+            else:
+                for target in task.next_task_names():
+                    inbound[target].append(task.name)
+        return {name: tuple(names) for name, names in inbound.items()}
+
+    @cached_property
+    def _dependents(self) -> dict[str, tuple[str, ...]]:
+        dependents: dict[str, list[str]] = {name: [] for name in self.tasks}
+        for task in self.tasks.values():
+            for required in task.requires:
+                if required in dependents:
+                    dependents[required].append(task.name)
+        return {name: tuple(names) for name, names in dependents.items()}
+
     def inbound_task_names(self, name: str) -> tuple[str, ...]:
-        """Tasks that have a transition to ``name`` (direct) in document order."""
-        return tuple(t.name for t in self.tasks.values() if name in t.next_task_names())
+        """Tasks that lead to ``name``: its transitions' sources, or its requires (reverse)."""
+        return self._inbound.get(name, ())
+
+    def dependent_task_names(self, name: str) -> tuple[str, ...]:
+        """Reverse workflows: the tasks that require ``name``."""
+        return self._dependents.get(name, ())
 
     def start_task_names(self) -> tuple[str, ...]:
         """Direct workflows start with every task that no transition leads to."""
-        targets = {n for t in self.tasks.values() for n in t.next_task_names()}
-        return tuple(n for n in self.tasks if n not in targets)
+        return tuple(n for n in self.tasks if not self._inbound[n])
+
+    def required_closure(self, target: str) -> tuple[str, ...]:
+        """Reverse workflows: ``target`` and everything it requires, transitively."""
+        seen: dict[str, None] = {}
+        stack = [target]
+        while stack:
+            name = stack.pop()
+            if name in seen or name not in self.tasks:
+                continue
+            seen[name] = None
+            stack.extend(self.tasks[name].requires)
+        return tuple(n for n in self.tasks if n in seen)
+
+    def resolve_name(self, name: str, known: Mapping[str, Any]) -> str:
+        """A workbook-local name resolves to ``workbook.name`` when that exists."""
+        if self.workbook is not None and f"{self.workbook}.{name}" in known:
+            return f"{self.workbook}.{name}"
+        return name
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ def execution_status(execution: ExecutionRecord, tasks: list[TaskRecord]) -> pb.
         input_json=dump_json(execution.input),
         output_json=dump_json(execution.output) if execution.state.is_final else "",
         params_json=dump_json(execution.params),
+        parent_task_id=execution.parent_task_id or "",
         created_at=timestamp(execution.created_at),
         updated_at=timestamp(execution.updated_at),
         tasks=[task_status(t) for t in tasks],
@@ -76,7 +77,19 @@ def task_status(task: TaskRecord) -> pb.TaskStatus:
         created_at=timestamp(task.created_at),
         updated_at=timestamp(task.updated_at),
         assignment_id=task.assignment_id or "",
+        child_execution_ids=child_execution_ids(task),
+        retry_count=int(task.runtime.get("retry_no", 0)),
     )
+
+
+def child_execution_ids(task: TaskRecord) -> list[str]:
+    """A workflow task's subworkflows: each is named after the assignment it carries out."""
+    if not task.runtime.get("subworkflow"):
+        return []
+    items = task.runtime.get("items")
+    if isinstance(items, int):
+        return [f"{task.id}/{i}" for i in range(int(task.runtime.get("started", items)))]
+    return [task.assignment_id] if task.assignment_id else []
 
 
 def task_assignment(a: AssignmentRecord) -> pb.TaskAssignment:

@@ -22,6 +22,7 @@ from levante.rpc.engine_service import EngineService
 from levante.rpc.workers_service import WorkersService
 from levante.store import store_for
 from levante.store.base import Store
+from levante.timers import Timekeeper
 from levante.v1 import levante_pb2_grpc as pb_grpc
 
 log = logging.getLogger("levante.server")
@@ -46,6 +47,8 @@ class LevanteServer:
         self.engine = Engine(self.store)
         self.dispatcher = Dispatcher(self.store, self.engine, lease_seconds=config.lease_seconds)
         self.engine.set_dispatch_listener(self.dispatcher.notify)
+        self.timekeeper = Timekeeper(self.store, self.engine)
+        self.engine.listeners.on_timer = self.timekeeper.scheduled
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -64,6 +67,7 @@ class LevanteServer:
             raise OSError(f"cannot listen on {self.config.listen}")
         await server.start()
         await self.dispatcher.start()
+        self.timekeeper.start()
         self._server = server
 
     @property
@@ -75,6 +79,7 @@ class LevanteServer:
         if self._server is not None:
             await self._server.stop(self.config.grace_seconds)
             self._server = None
+        await self.timekeeper.close()
         await self.dispatcher.close()
         await self.store.close()
 

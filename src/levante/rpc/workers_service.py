@@ -55,6 +55,7 @@ class WorkersService(pb_grpc.WorkersServicer):
             actions=frozenset(hello.actions),
             capacity=hello.capacity,
             deliver=deliver,
+            targets=frozenset(hello.targets),
         )
         try:
             await self._dispatcher.attach(session, [AssignmentId(i) for i in hello.holding])

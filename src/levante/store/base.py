@@ -23,7 +23,7 @@ from typing import Protocol
 from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,15 @@ class StoreTransaction(Protocol):
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None: ...
 
+    async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
+        """Every assignment of one task (all items, all attempts), oldest first."""
+        ...
+
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None: ...
+
+    async def cancel_task_assignments(self, task_id: TaskId) -> None:
+        """Every not-yet-DONE assignment of the task becomes CANCELLED (a timeout)."""
+        ...
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         """Insert timers; a timer whose id exists already is left as it is."""
@@ -116,8 +124,12 @@ class Store(Protocol):
         actions: Collection[str],
         limit: int,
         lease_until: float,
+        targets: Collection[str] = (),
     ) -> list[AssignmentRecord]:
-        """Lease up to ``limit`` QUEUED assignments of the given actions, oldest first."""
+        """Lease up to ``limit`` QUEUED assignments of the given actions, oldest first.
+
+        An assignment with a target goes only to a worker that declared that target.
+        """
         ...
 
     async def release_assignments(

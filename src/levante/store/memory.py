@@ -100,8 +100,20 @@ class MemoryTransaction:
         for a in assignments:
             self.assignments[a.id] = a
 
+    async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
+        merged = {a.id: a for a in self._t.assignments.values() if a.task_id == task_id}
+        merged.update({a.id: a for a in self.assignments.values() if a.task_id == task_id})
+        return sorted(merged.values(), key=lambda a: a.created_at)
+
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
         self.cancelled.append(execution_id)
+
+    async def cancel_task_assignments(self, task_id: TaskId) -> None:
+        for a in await self.task_assignments(task_id):
+            if a.state not in (AssignmentState.DONE, AssignmentState.CANCELLED):
+                self.assignments[a.id] = replace(
+                    a, state=AssignmentState.CANCELLED, worker_id=None, lease_expires_at=None
+                )
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         for timer in timers:
@@ -140,7 +152,8 @@ class MemoryTransaction:
         t.assignments.update(self.assignments)
         for execution_id in self.cancelled:
             for a in list(t.assignments.values()):
-                if a.execution_id == execution_id and a.state == AssignmentState.QUEUED:
+                held = a.state in (AssignmentState.QUEUED, AssignmentState.HELD)
+                if a.execution_id == execution_id and held:
                     t.assignments[a.id] = replace(a, state=AssignmentState.CANCELLED)
 
 
@@ -194,14 +207,20 @@ class MemoryStore:
         return self._t.assignments.get(assignment_id)
 
     async def claim_assignments(
-        self, worker_id: str, actions: Collection[str], limit: int, lease_until: float
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
     ) -> list[AssignmentRecord]:
         claimed: list[AssignmentRecord] = []
         async with self._lock:
             for a in list(self._t.assignments.values()):
                 if len(claimed) >= limit:
                     break
-                if a.state == AssignmentState.QUEUED and a.action in actions:
+                allowed = a.target is None or a.target in targets
+                if a.state == AssignmentState.QUEUED and a.action in actions and allowed:
                     leased = replace(
                         a,
                         state=AssignmentState.LEASED,

@@ -25,18 +25,18 @@ from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 EXECUTION_COLUMNS = (
     "id", "workflow", "definition_id", "state", "state_info", "input", "params", "context",
     "output", "final_context", "active_tasks", "waiting_tasks", "next_seq", "errors",
-    "request_id", "created_at", "updated_at",
+    "request_id", "created_at", "updated_at", "parent_task_id", "item",
 )  # fmt: skip
 
 TASK_COLUMNS = (
     "id", "execution_id", "name", "seq", "state", "state_info", "action", "in_context",
     "result", "published", "attempt", "assignment_id", "arrivals", "has_next",
-    "created_at", "updated_at",
+    "created_at", "updated_at", "runtime",
 )  # fmt: skip
 
 ASSIGNMENT_COLUMNS = (
     "id", "task_id", "execution_id", "task_name", "action", "input", "attempt", "state",
-    "worker_id", "lease_expires_at", "outcome_ok", "outcome", "created_at",
+    "worker_id", "lease_expires_at", "outcome_ok", "outcome", "created_at", "item", "target",
 )  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def execution_row(e: ExecutionRecord) -> tuple[Any, ...]:
         e.id, e.workflow, int(e.definition_id), e.state.value, e.state_info, dump(e.input),
         dump(e.params), dump(e.context), dump(e.output), dump(e.final_context), e.active_tasks,
         e.waiting_tasks, e.next_seq, dump(list(e.errors)), e.request_id, e.created_at,
-        e.updated_at,
+        e.updated_at, e.parent_task_id, e.item,
     )  # fmt: skip
 
 
@@ -79,6 +79,8 @@ def execution_from_row(r: Sequence[Any]) -> ExecutionRecord:
         request_id=r[14],
         created_at=float(r[15]),
         updated_at=float(r[16]),
+        parent_task_id=None if r[17] is None else TaskId(r[17]),
+        item=None if r[18] is None else int(r[18]),
     )
 
 
@@ -87,6 +89,7 @@ def task_row(t: TaskRecord) -> tuple[Any, ...]:
         t.id, t.execution_id, t.name, t.seq, t.state.value, t.state_info, t.action,
         dump(t.in_context), dump(t.result), dump(t.published), t.attempt, t.assignment_id,
         dump(list(t.arrivals)), 1 if t.has_next else 0, t.created_at, t.updated_at,
+        dump(t.runtime),
     )  # fmt: skip
 
 
@@ -108,6 +111,7 @@ def task_from_row(r: Sequence[Any]) -> TaskRecord:
         has_next=bool(r[13]),
         created_at=float(r[14]),
         updated_at=float(r[15]),
+        runtime=load(r[16]),
     )
 
 
@@ -117,6 +121,7 @@ def assignment_row(a: AssignmentRecord) -> tuple[Any, ...]:
     return (
         a.id, a.task_id, a.execution_id, a.task_name, a.action, dump(a.input), a.attempt,
         a.state.value, a.worker_id, a.lease_expires_at, outcome_ok, outcome, a.created_at,
+        a.item, a.target,
     )  # fmt: skip
 
 
@@ -135,6 +140,8 @@ def assignment_from_row(r: Sequence[Any]) -> AssignmentRecord:
         lease_expires_at=None if r[9] is None else float(r[9]),
         outcome=outcome,
         created_at=float(r[12]),
+        item=None if r[13] is None else int(r[13]),
+        target=r[14],
     )
 
 

@@ -55,7 +55,9 @@ MIGRATIONS: dict[int, str] = {
         errors TEXT NOT NULL,
         request_id TEXT UNIQUE,
         created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        parent_task_id TEXT,
+        item INTEGER
     );
     CREATE INDEX executions_created ON executions(created_at);
     CREATE TABLE tasks (
@@ -74,7 +76,8 @@ MIGRATIONS: dict[int, str] = {
         arrivals TEXT NOT NULL,
         has_next INTEGER NOT NULL,
         created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        runtime TEXT NOT NULL
     );
     CREATE INDEX tasks_by_name ON tasks(execution_id, name, seq);
     CREATE INDEX tasks_by_state ON tasks(execution_id, state);
@@ -91,12 +94,15 @@ MIGRATIONS: dict[int, str] = {
         lease_expires_at REAL,
         outcome_ok INTEGER,
         outcome TEXT,
-        created_at REAL NOT NULL
+        created_at REAL NOT NULL,
+        item INTEGER,
+        target TEXT
     );
     CREATE INDEX assignments_queue ON assignments(state, action);
     CREATE INDEX assignments_leases ON assignments(state, lease_expires_at);
     CREATE INDEX assignments_by_worker ON assignments(worker_id, state);
     CREATE INDEX assignments_by_execution ON assignments(execution_id, state);
+    CREATE INDEX assignments_by_task ON assignments(task_id, item);
     """,
     2: """
     CREATE TABLE timers (
@@ -211,10 +217,25 @@ class SqliteTransaction:
                 _UPSERT_ASSIGNMENT, [rows.assignment_row(a) for a in assignments]
             )
 
+    async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
+        found = await self._all(
+            f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE task_id=? ORDER BY rowid",
+            (task_id,),
+        )
+        return [rows.assignment_from_row(r) for r in found]
+
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
         await self._db.execute(
-            "UPDATE assignments SET state='CANCELLED' WHERE execution_id=? AND state='QUEUED'",
+            "UPDATE assignments SET state='CANCELLED' "
+            "WHERE execution_id=? AND state IN ('QUEUED', 'HELD')",
             (execution_id,),
+        )
+
+    async def cancel_task_assignments(self, task_id: TaskId) -> None:
+        await self._db.execute(
+            "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
+            "WHERE task_id=? AND state NOT IN ('DONE', 'CANCELLED')",
+            (task_id,),
         )
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
@@ -394,17 +415,25 @@ class SqliteStore:
     # -- the queue
 
     async def claim_assignments(
-        self, worker_id: str, actions: Collection[str], limit: int, lease_until: float
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
     ) -> list[AssignmentRecord]:
         if limit <= 0 or not actions:
             return []
         action_list = sorted(actions)
+        target_list = sorted(targets)
         async with self._write() as db, db.execute(
             f"UPDATE assignments SET state='LEASED', worker_id=?, lease_expires_at=? "
             f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
-            f"AND action IN ({_placeholders(len(action_list))}) ORDER BY rowid LIMIT ?) "
+            f"AND action IN ({_placeholders(len(action_list))}) "
+            f"AND (target IS NULL OR target IN ({_placeholders(len(target_list))})) "
+            f"ORDER BY rowid LIMIT ?) "
             f"RETURNING {_ASSIGNMENT_COLS}",
-            (worker_id, lease_until, *action_list, limit),
+            (worker_id, lease_until, *action_list, *target_list, limit),
         ) as cur:
             found = await cur.fetchall()
         claimed = [rows.assignment_from_row(r) for r in found]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18levante/v1/levante.proto\x12\nlevante.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x18RegisterWorkflowsRequest\x12\x12\n\ndefinition\x18\x01 \x01(\t\".\n\x19RegisterWorkflowsResponse\x12\x11\n\tworkflows\x18\x01 \x03(\t\"o\n\nRunRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"#\n\x0bRunResponse\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"^\n\x13TaskCompleteRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\x0bresult_json\x18\x02 \x01(\tH\x00\x12\x14\n\nerror_json\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"\x16\n\x14TaskCompleteResponse\"(\n\x10GetStatusRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"\xa1\x02\n\x0f\x45xecutionStatus\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstate_info\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x13\n\x0boutput_json\x18\x06 \x01(\t\x12%\n\x05tasks\x18\x07 \x03(\x0b\x32\x16.levante.v1.TaskStatus\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bparams_json\x18\n \x01(\t\"\x8e\x02\n\nTaskStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstate_info\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x16\n\x0epublished_json\x18\x06 \x01(\t\x12\x13\n\x0bresult_json\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rassignment_id\x18\x0b \x01(\t\"\xbc\x01\n\rWorkerMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.levante.v1.HelloH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.levante.v1.TaskResultH\x00\x12)\n\x05\x64\x65\x66\x65r\x18\x03 \x01(\x0b\x32\x18.levante.v1.TaskDeferredH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.levante.v1.HeartbeatH\x00\x42\x06\n\x04kind\"N\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x0f\n\x07holding\x18\x04 \x03(\t\"U\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\x0bresult_json\x18\x02 \x01(\tH\x00\x12\x14\n\nerror_json\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"\x1f\n\x0cTaskDeferred\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"i\n\rEngineMessage\x12\x30\n\nassignment\x18\x01 \x01(\x0b\x32\x1a.levante.v1.TaskAssignmentH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.levante.v1.AckH\x00\x42\x06\n\x04kind\"\xb5\x01\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x03\x41\x63k\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xbd\x02\n\x06\x45ngine\x12`\n\x11RegisterWorkflows\x12$.levante.v1.RegisterWorkflowsRequest\x1a%.levante.v1.RegisterWorkflowsResponse\x12\x36\n\x03Run\x12\x16.levante.v1.RunRequest\x1a\x17.levante.v1.RunResponse\x12Q\n\x0cTaskComplete\x12\x1f.levante.v1.TaskCompleteRequest\x1a .levante.v1.TaskCompleteResponse\x12\x46\n\tGetStatus\x12\x1c.levante.v1.GetStatusRequest\x1a\x1b.levante.v1.ExecutionStatus2P\n\x07Workers\x12\x45\n\tSubscribe\x12\x19.levante.v1.WorkerMessage\x1a\x19.levante.v1.EngineMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18levante/v1/levante.proto\x12\nlevante.v1\x1a\x1fgoogle/protobuf/timestamp.proto\".\n\x18RegisterWorkflowsRequest\x12\x12\n\ndefinition\x18\x01 \x01(\t\".\n\x19RegisterWorkflowsResponse\x12\x11\n\tworkflows\x18\x01 \x03(\t\"o\n\nRunRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\x12\n\ndefinition\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x13\n\x0bparams_json\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\"#\n\x0bRunResponse\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"^\n\x13TaskCompleteRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\x0bresult_json\x18\x02 \x01(\tH\x00\x12\x14\n\nerror_json\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"\x16\n\x14TaskCompleteResponse\"(\n\x10GetStatusRequest\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\"\xb9\x02\n\x0f\x45xecutionStatus\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstate_info\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x13\n\x0boutput_json\x18\x06 \x01(\t\x12%\n\x05tasks\x18\x07 \x03(\x0b\x32\x16.levante.v1.TaskStatus\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bparams_json\x18\n \x01(\t\x12\x16\n\x0eparent_task_id\x18\x0b \x01(\t\"\xc0\x02\n\nTaskStatus\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x12\n\nstate_info\x18\x04 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x16\n\x0epublished_json\x18\x06 \x01(\t\x12\x13\n\x0bresult_json\x18\x07 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rassignment_id\x18\x0b \x01(\t\x12\x1b\n\x13\x63hild_execution_ids\x18\x0c \x03(\t\x12\x13\n\x0bretry_count\x18\r \x01(\x05\"\xbc\x01\n\rWorkerMessage\x12\"\n\x05hello\x18\x01 \x01(\x0b\x32\x11.levante.v1.HelloH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.levante.v1.TaskResultH\x00\x12)\n\x05\x64\x65\x66\x65r\x18\x03 \x01(\x0b\x32\x18.levante.v1.TaskDeferredH\x00\x12*\n\theartbeat\x18\x04 \x01(\x0b\x32\x15.levante.v1.HeartbeatH\x00\x42\x06\n\x04kind\"_\n\x05Hello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63tions\x18\x02 \x03(\t\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x0f\n\x07holding\x18\x04 \x03(\t\x12\x0f\n\x07targets\x18\x05 \x03(\t\"U\n\nTaskResult\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\x0bresult_json\x18\x02 \x01(\tH\x00\x12\x14\n\nerror_json\x18\x03 \x01(\tH\x00\x42\t\n\x07outcome\"\x1f\n\x0cTaskDeferred\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x1d\n\tHeartbeat\x12\x10\n\x08task_ids\x18\x01 \x03(\t\"i\n\rEngineMessage\x12\x30\n\nassignment\x18\x01 \x01(\x0b\x32\x1a.levante.v1.TaskAssignmentH\x00\x12\x1e\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x0f.levante.v1.AckH\x00\x42\x06\n\x04kind\"\xb5\x01\n\x0eTaskAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65xecution_id\x18\x02 \x01(\t\x12\x11\n\ttask_name\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\x12\x34\n\x10lease_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x03\x41\x63k\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t2\xbd\x02\n\x06\x45ngine\x12`\n\x11RegisterWorkflows\x12$.levante.v1.RegisterWorkflowsRequest\x1a%.levante.v1.RegisterWorkflowsResponse\x12\x36\n\x03Run\x12\x16.levante.v1.RunRequest\x1a\x17.levante.v1.RunResponse\x12Q\n\x0cTaskComplete\x12\x1f.levante.v1.TaskCompleteRequest\x1a .levante.v1.TaskCompleteResponse\x12\x46\n\tGetStatus\x12\x1c.levante.v1.GetStatusRequest\x1a\x1b.levante.v1.ExecutionStatus2P\n\x07Workers\x12\x45\n\tSubscribe\x12\x19.levante.v1.WorkerMessage\x1a\x19.levante.v1.EngineMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,27 +47,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=439
   _globals['_GETSTATUSREQUEST']._serialized_end=479
   _globals['_EXECUTIONSTATUS']._serialized_start=482
-  _globals['_EXECUTIONSTATUS']._serialized_end=771
-  _globals['_TASKSTATUS']._serialized_start=774
-  _globals['_TASKSTATUS']._serialized_end=1044
-  _globals['_WORKERMESSAGE']._serialized_start=1047
-  _globals['_WORKERMESSAGE']._serialized_end=1235
-  _globals['_HELLO']._serialized_start=1237
-  _globals['_HELLO']._serialized_end=1315
-  _globals['_TASKRESULT']._serialized_start=1317
-  _globals['_TASKRESULT']._serialized_end=1402
-  _globals['_TASKDEFERRED']._serialized_start=1404
-  _globals['_TASKDEFERRED']._serialized_end=1435
-  _globals['_HEARTBEAT']._serialized_start=1437
-  _globals['_HEARTBEAT']._serialized_end=1466
-  _globals['_ENGINEMESSAGE']._serialized_start=1468
-  _globals['_ENGINEMESSAGE']._serialized_end=1573
-  _globals['_TASKASSIGNMENT']._serialized_start=1576
-  _globals['_TASKASSIGNMENT']._serialized_end=1757
-  _globals['_ACK']._serialized_start=1759
-  _globals['_ACK']._serialized_end=1812
-  _globals['_ENGINE']._serialized_start=1815
-  _globals['_ENGINE']._serialized_end=2132
-  _globals['_WORKERS']._serialized_start=2134
-  _globals['_WORKERS']._serialized_end=2214
+  _globals['_EXECUTIONSTATUS']._serialized_end=795
+  _globals['_TASKSTATUS']._serialized_start=798
+  _globals['_TASKSTATUS']._serialized_end=1118
+  _globals['_WORKERMESSAGE']._serialized_start=1121
+  _globals['_WORKERMESSAGE']._serialized_end=1309
+  _globals['_HELLO']._serialized_start=1311
+  _globals['_HELLO']._serialized_end=1406
+  _globals['_TASKRESULT']._serialized_start=1408
+  _globals['_TASKRESULT']._serialized_end=1493
+  _globals['_TASKDEFERRED']._serialized_start=1495
+  _globals['_TASKDEFERRED']._serialized_end=1526
+  _globals['_HEARTBEAT']._serialized_start=1528
+  _globals['_HEARTBEAT']._serialized_end=1557
+  _globals['_ENGINEMESSAGE']._serialized_start=1559
+  _globals['_ENGINEMESSAGE']._serialized_end=1664
+  _globals['_TASKASSIGNMENT']._serialized_start=1667
+  _globals['_TASKASSIGNMENT']._serialized_end=1848
+  _globals['_ACK']._serialized_start=1850
+  _globals['_ACK']._serialized_end=1903
+  _globals['_ENGINE']._serialized_start=1906
+  _globals['_ENGINE']._serialized_end=2223
+  _globals['_WORKERS']._serialized_start=2225
+  _globals['_WORKERS']._serialized_end=2305
 # @@protoc_insertion_point(module_scope)

@@ -62,7 +62,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, execution_id: _Optional[str] = ...) -> None: ...
 
 class ExecutionStatus(_message.Message):
-    __slots__ = ("execution_id", "workflow", "state", "state_info", "input_json", "output_json", "tasks", "created_at", "updated_at", "params_json")
+    __slots__ = ("execution_id", "workflow", "state", "state_info", "input_json", "output_json", "tasks", "created_at", "updated_at", "params_json", "parent_task_id")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class ExecutionStatus(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     workflow: str
     state: str
@@ -83,10 +84,11 @@ class ExecutionStatus(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     params_json: str
-    def __init__(self, execution_id: _Optional[str] = ..., workflow: _Optional[str] = ..., state: _Optional[str] = ..., state_info: _Optional[str] = ..., input_json: _Optional[str] = ..., output_json: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., params_json: _Optional[str] = ...) -> None: ...
+    parent_task_id: str
+    def __init__(self, execution_id: _Optional[str] = ..., workflow: _Optional[str] = ..., state: _Optional[str] = ..., state_info: _Optional[str] = ..., input_json: _Optional[str] = ..., output_json: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., params_json: _Optional[str] = ..., parent_task_id: _Optional[str] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
-    __slots__ = ("id", "name", "state", "state_info", "action", "published_json", "result_json", "attempt", "created_at", "updated_at", "assignment_id")
+    __slots__ = ("id", "name", "state", "state_info", "action", "published_json", "result_json", "attempt", "created_at", "updated_at", "assignment_id", "child_execution_ids", "retry_count")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +100,8 @@ class TaskStatus(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHILD_EXECUTION_IDS_FIELD_NUMBER: _ClassVar[int]
+    RETRY_COUNT_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     state: str
@@ -109,7 +113,9 @@ class TaskStatus(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
     assignment_id: str
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., state_info: _Optional[str] = ..., action: _Optional[str] = ..., published_json: _Optional[str] = ..., result_json: _Optional[str] = ..., attempt: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignment_id: _Optional[str] = ...) -> None: ...
+    child_execution_ids: _containers.RepeatedScalarFieldContainer[str]
+    retry_count: int
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., state_info: _Optional[str] = ..., action: _Optional[str] = ..., published_json: _Optional[str] = ..., result_json: _Optional[str] = ..., attempt: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assignment_id: _Optional[str] = ..., child_execution_ids: _Optional[_Iterable[str]] = ..., retry_count: _Optional[int] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "result", "defer", "heartbeat")
@@ -124,16 +130,18 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., result: _Optional[_Union[TaskResult, _Mapping]] = ..., defer: _Optional[_Union[TaskDeferred, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("worker_id", "actions", "capacity", "holding")
+    __slots__ = ("worker_id", "actions", "capacity", "holding", "targets")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ACTIONS_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     HOLDING_FIELD_NUMBER: _ClassVar[int]
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     actions: _containers.RepeatedScalarFieldContainer[str]
     capacity: int
     holding: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., actions: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., holding: _Optional[_Iterable[str]] = ...) -> None: ...
+    targets: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., actions: _Optional[_Iterable[str]] = ..., capacity: _Optional[int] = ..., holding: _Optional[_Iterable[str]] = ..., targets: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskResult(_message.Message):
     __slots__ = ("task_id", "result_json", "error_json")

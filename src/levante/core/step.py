@@ -1,0 +1,241 @@
+"""The scratch space of one decision: the rows it changes, expressions, the end of runs.
+
+A Step starts from a Snapshot and collects changed rows, commands and follow-up events;
+``decision()`` freezes them. Everything here is pure.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+from levante.core.model import (
+    AssignmentRecord,
+    CancelQueuedAssignments,
+    ChildExecutionEnded,
+    Command,
+    Decision,
+    Event,
+    ExecutionDrained,
+    ExecutionState,
+    Outcome,
+    Snapshot,
+    TaskRecord,
+)
+from levante.errors import ExpressionError
+from levante.ids import TaskId
+from levante.lang import expressions
+from levante.lang.spec import WorkflowSpec
+
+
+def merge_contexts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep merge as Mistral does: nested mappings merge, anything else is replaced."""
+    merged = dict(base)
+    for key, value in update.items():
+        old = merged.get(key)
+        if isinstance(old, Mapping) and isinstance(value, Mapping):
+            merged[key] = merge_contexts(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def error_message(error: Any) -> str:
+    """A one-line description of an error value as workers report it."""
+    if isinstance(error, Mapping):
+        message = error.get("message")
+        kind = error.get("type")
+        if isinstance(message, str):
+            return f"{kind}: {message}" if isinstance(kind, str) and kind else message
+        if isinstance(error.get("result"), str):  # a failed subworkflow's output
+            return str(error["result"])
+    if isinstance(error, str):
+        return error
+    return json.dumps(error, sort_keys=True, default=str)
+
+
+def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, Any]:
+    """What ``task('name')`` shows an expression."""
+    view: dict[str, Any] = {
+        "id": task.id,
+        "name": task.name,
+        "state": task.state.value,
+        "state_info": task.state_info,
+        "result": task.result,
+        "published": dict(task.published),
+        "workflow_execution_id": task.execution_id,
+    }
+    if spec is not None and task.name in spec.tasks:
+        view["spec"] = {"name": task.name, "tags": list(spec.task(task.name).tags)}
+    return view
+
+
+class Step:
+    """Mutable scratch space for one decision; the result is frozen in decision()."""
+
+    def __init__(self, spec: WorkflowSpec, snapshot: Snapshot, now: float) -> None:
+        self.spec = spec
+        self.execution = snapshot.execution
+        self.now = now
+        self.snapshot = snapshot
+        self.latest: dict[str, TaskRecord] = dict(snapshot.tasks)
+        if snapshot.task is not None:
+            self.latest.setdefault(snapshot.task.name, snapshot.task)
+        self.changed_tasks: dict[str, TaskRecord] = {}
+        self.changed_assignments: dict[str, AssignmentRecord] = {}
+        self.commands: list[Command] = []
+        self.followups: list[Event] = []
+
+    # -- bookkeeping
+
+    def decision(self) -> Decision:
+        return Decision(
+            execution=self.execution,
+            tasks=tuple(self.changed_tasks.values()),
+            assignments=tuple(self.changed_assignments.values()),
+            commands=tuple(self.commands),
+            followups=tuple(self.followups),
+        )
+
+    def put_task(self, task: TaskRecord) -> TaskRecord:
+        task = replace(task, updated_at=self.now)
+        self.changed_tasks[task.id] = task
+        latest = self.latest.get(task.name)
+        if latest is None or latest.seq <= task.seq:
+            self.latest[task.name] = task
+        return task
+
+    def current(self, task: TaskRecord) -> TaskRecord:
+        """The newest version of a task row in this step."""
+        return self.changed_tasks.get(task.id, task)
+
+    def put_assignment(self, assignment: AssignmentRecord) -> None:
+        self.changed_assignments[assignment.id] = assignment
+
+    def update_execution(self, **changes: Any) -> None:
+        self.execution = replace(self.execution, updated_at=self.now, **changes)
+
+    @property
+    def running(self) -> bool:
+        return self.execution.state == ExecutionState.RUNNING
+
+    # -- expressions
+
+    def expression_context(
+        self, data: Mapping[str, Any], current: TaskRecord | None = None
+    ) -> dict[str, Any]:
+        """What ``$`` (YAQL) and ``_`` (Jinja) see: input < vars < the task's context."""
+        context: dict[str, Any] = {**self.execution.input, **self.execution.context, **data}
+        context["__env"] = dict(self.execution.env)
+        context["__execution"] = self.execution_view()
+        if current is not None:
+            context["__task_execution"] = {"id": current.id, "name": current.name}
+        return context
+
+    def execution_view(self) -> dict[str, Any]:
+        ex = self.execution
+        return {
+            "id": ex.id,
+            "name": ex.workflow,
+            "input": dict(ex.input),
+            "params": dict(ex.params),
+            "state": ex.state.value,
+            "created_at": ex.created_at,
+        }
+
+    def evaluate_raw(self, value: Any, context: Any) -> Any:
+        """Evaluate against a bare context (an ad-hoc action's output sees its result as $)."""
+        return expressions.evaluate(value, context, _Host(self, None))
+
+    def evaluate(self, value: Any, data: Mapping[str, Any], current: TaskRecord | None) -> Any:
+        return expressions.evaluate(
+            value, self.expression_context(data, current), _Host(self, current)
+        )
+
+    # -- the execution's end
+
+    def record_unhandled_error(self, task: TaskRecord) -> None:
+        line = f"{task.name}\t{task.id}\t{task.state_info}"
+        self.update_execution(errors=(*self.execution.errors, line))
+
+    def finish_execution_if_done(self) -> None:
+        ex = self.execution
+        if ex.state != ExecutionState.RUNNING or ex.active_tasks > 0:
+            return
+        if ex.waiting_tasks > 0:
+            self.followups.append(ExecutionDrained(ex.id, self.now))
+            return
+        if not ex.errors:
+            self.end_execution(ExecutionState.SUCCESS, "")
+            return
+        failed = [e.split("\t", 2) for e in ex.errors]
+        self.end_execution(
+            ExecutionState.ERROR,
+            "Failure caused by error in tasks: "
+            + ", ".join(name for name, _, _ in failed)
+            + "\n"
+            + "".join(f"\n  {name} [task_ex_id={tid}] -> {info}\n" for name, tid, info in failed),
+        )
+
+    def end_execution(self, state: ExecutionState, state_info: str) -> None:
+        final = self.execution.final_context
+        output: Any
+        try:
+            if state == ExecutionState.SUCCESS:
+                output = (
+                    dict(final)
+                    if self.spec.output is None
+                    else self.evaluate(self.spec.output, final, None)
+                )
+                if not output and self.spec.output is not None:
+                    output = dict(final)  # Mistral: an empty output falls back to the context
+            else:
+                on_error = (
+                    dict(final)
+                    if self.spec.output_on_error is None
+                    else self.evaluate(self.spec.output_on_error, final, None)
+                )
+                output = merge_contexts({"result": state_info}, on_error)
+        except ExpressionError as e:
+            state = ExecutionState.ERROR
+            state_info = f"Failed to evaluate the workflow output: {e}"
+            output = {"result": state_info}
+        self.update_execution(state=state, state_info=state_info, output=output)
+        self.commands.append(CancelQueuedAssignments(self.execution.id))
+        parent = self.execution.parent_task_id
+        if parent is not None:
+            outcome = Outcome.success(output) if state == ExecutionState.SUCCESS else (
+                Outcome.failure(output)  # Mistral: the parent task's result is the child output
+            )
+            ended = ChildExecutionEnded(
+                TaskId(parent), self.execution.id, self.execution.item, outcome, self.now
+            )
+            self.followups.append(ended)
+
+
+class _Host:
+    """What expressions may ask about: tasks by name, the execution, its env, globals."""
+
+    def __init__(self, step: Step, current: TaskRecord | None) -> None:
+        self._step = step
+        self._current = current
+
+    def task(self, name: str | None) -> Mapping[str, Any] | None:
+        current = self._current
+        if current is not None and (name is None or name == current.name):
+            return task_view(current, self._step.spec)
+        if name is None:
+            return None
+        task = self._step.latest.get(name)
+        return None if task is None else task_view(task, self._step.spec)
+
+    def execution(self) -> Mapping[str, Any]:
+        return self._step.execution_view()
+
+    def env(self) -> Mapping[str, Any]:
+        return dict(self._step.execution.env)
+
+    def global_var(self, name: str) -> Any:
+        return self._step.execution.context.get(name)
