@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from levante.lang.spec import Document, TaskSpec
 
+
 def unsupported_features(document: Document) -> list[tuple[int | None, str]]:
     """(line, message) for each use of a feature this engine does not run yet."""
     found: list[tuple[int | None, str]] = []
