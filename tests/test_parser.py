@@ -305,6 +305,11 @@ def test_inline_parameter_with_blank_after_equals() -> None:
     assert t.input == {"output": "Task 1.<% $.i %>"}
 
 
+def test_bare_words_are_text() -> None:
+    t = one_task("action: std.echo output=hello path=tmp/x n=3\n")
+    assert t.input == {"output": "hello", "path": "tmp/x", "n": 3}
+
+
 def test_expression_action_with_inline_parameters() -> None:
     t = one_task("action: <% $.name %> a=1\n")
     assert t.action == "<% $.name %>"
@@ -314,7 +319,7 @@ def test_expression_action_with_inline_parameters() -> None:
 @pytest.mark.parametrize(
     ("action", "fragment"),
     [
-        ("std.echo output=hello", "'hello' is not a number"),
+        ("std.echo output=hel<lo", "'hel<lo' is not a number"),
         ('std.echo output="unterminated', "unterminated quote"),
         ("std.echo output=<% $.x", "closing '%>'"),
         ("std.echo output=[1, 2", "never closed"),
@@ -712,7 +717,7 @@ def test_bad_retry(retry: str, line: int, fragment: str) -> None:
     ("policy", "fragment"),
     [
         ("wait-before: -1", "'wait-before' must be an integer >= 0 or an expression"),
-        ("wait-after: 1.5", "'wait-after' must be an integer"),
+        ("wait-after: -1.5", "'wait-after' must be an integer"),
         ("timeout: '300'", "'timeout' must be an integer"),
         ("concurrency: true", "'concurrency' must be an integer"),
         ("pause-before: 'False'", "'pause-before' must be true, false or an expression"),

@@ -175,8 +175,8 @@ def _start(step: Step, task: TaskRecord) -> None:
     first = make_assignment(step, task, attempt=1, item=None, item_context={})
     if first is None:
         return  # an inline noop: finished through a follow-up
-    step.put_task(replace(step.current(task), state=TaskState.RUNNING, action=first.action,
-                          attempt=1, assignment_id=first.id))  # fmt: skip
+    step.put_task(replace(step.current(task), state=TaskState.RUNNING, attempt=1,
+                          assignment_id=first.id))  # fmt: skip
     release(step, first)
 
 
@@ -204,17 +204,15 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
         step.put_task(replace(task, runtime=runtime))
         step.followups.append(TaskFinished(task.id, Outcome.success([]), step.now))
         return
-    action = None
     for index in range(count):
         item_context = {name: values[index] for name, values in lists}
         assignment = make_assignment(step, task, attempt=1, item=index, item_context=item_context)
         assert assignment is not None
-        action = assignment.action
         if index < limit:
             release(step, assignment)
         else:
             step.put_assignment(replace(assignment, state=AssignmentState.HELD))
-    step.put_task(replace(step.current(task), action=action, attempt=1, runtime=runtime))
+    step.put_task(replace(step.current(task), attempt=1, runtime=runtime))
 
 
 def assignment_id(task: TaskRecord, item: int | None, attempt: int) -> AssignmentId:
@@ -256,6 +254,7 @@ def make_assignment(
     if not isinstance(action, str) or not action:
         raise TaskStartError(f"action name {action!r} is not a name")
     base, base_input = resolve_adhoc(step, action, action_input)
+    step.put_task(replace(step.current(task), action=action))  # the name the task asked for
     return AssignmentRecord(
         id=assignment_id(task, item, attempt), task_id=task.id, execution_id=task.execution_id,
         task_name=task.name, action=base, input=base_input, attempt=attempt,

@@ -124,6 +124,7 @@ _UNSUPPORTED: Final = {
 _EXPRESSION = re.compile(r"(<%.*%>|\{\{.*\}\})\s*", re.DOTALL)
 _PARAM_KEY = re.compile(r"([-\w]+)\s*=\s*")  # Mistral: key=value; blanks around '=' tolerated
 _BARE_VALUE = re.compile(r"[^\s,]+")
+_BARE_WORD = re.compile(r"[A-Za-z_][\w.\-/:@]*")
 _COMMAND_NAME = re.compile(r"<%.*?%>|\{\{.*?\}\}|[\w.]+[^=(\s\"]*", re.DOTALL)
 _COMMAND_CALL = re.compile(r"(\w+)\s*\((.*)\)", re.DOTALL)
 _WITH_ITEMS = re.compile(r"\s*([\w-]+)\s+in\b\s*(.*?)\s*", re.DOTALL)
@@ -391,6 +392,17 @@ def _count_or_expression(node: _Node, where: str, what: str) -> int | str:
     _fail(where, f"'{what}' must be an integer >= 0 or an expression, not {_kind(node)}", node.line)
 
 
+def _seconds_or_expression(node: _Node, where: str, what: str) -> int | float | str:
+    """A duration: a number of seconds >= 0 or an expression.
+
+    Mistral takes whole seconds only; Levante also takes fractions (documented).
+    """
+    value = node.value if isinstance(node, _Scalar) else None
+    if isinstance(value, float) and value >= 0 and value != float("inf"):
+        return int(value) if value.is_integer() else value
+    return _count_or_expression(node, where, what)
+
+
 def _bool_or_expression(node: _Node, where: str, what: str) -> bool | str:
     value = node.value if isinstance(node, _Scalar) else None
     if isinstance(value, bool):
@@ -551,10 +563,14 @@ def _parameter_value(text: str, pos: int, line: int, where: str, what: str) -> t
     try:
         return json.loads(token.group()), token.end()
     except ValueError:
+        # Mistral silently drops a bare word such as output=hello; Levante takes it as
+        # the text it plainly is (docs/semantics.md). Anything odder must be quoted.
+        if _BARE_WORD.fullmatch(token.group()):
+            return token.group(), token.end()
         _fail(
             where,
             f"'{what}': {token.group()!r} is not a number, true, false, null, [list], "
-            "expression or quoted text (quote text values)",
+            "expression, word or quoted text (quote text values)",
             line,
         )
 
@@ -605,7 +621,7 @@ def _retry(node: _Node, where: str) -> RetrySpec:
             )
     return RetrySpec(
         count=_count_or_expression(values["count"], where, "retry: count"),
-        delay=_count_or_expression(values["delay"], where, "retry: delay"),
+        delay=_seconds_or_expression(values["delay"], where, "retry: delay"),
         break_on=_optional(values, "break-on", lambda n: _expression(n, where, "retry: break-on")),
         continue_on=_optional(
             values, "continue-on", lambda n: _expression(n, where, "retry: continue-on")
@@ -783,9 +799,9 @@ def _policies(node: _Map, where: str) -> PoliciesSpec:
     retry = node.get("retry")
     return PoliciesSpec(
         retry=None if retry is None else _retry(retry.value, where),
-        timeout=read("timeout", _count_or_expression),
-        wait_before=read("wait-before", _count_or_expression),
-        wait_after=read("wait-after", _count_or_expression),
+        timeout=read("timeout", _seconds_or_expression),
+        wait_before=read("wait-before", _seconds_or_expression),
+        wait_after=read("wait-after", _seconds_or_expression),
         pause_before=read("pause-before", _bool_or_expression),
         fail_on=read("fail-on", _bool_or_expression),
         concurrency=read("concurrency", _count_or_expression),

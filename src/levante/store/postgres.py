@@ -1,0 +1,580 @@
+"""The PostgreSQL store (``postgresql://...``): several engine replicas share one database.
+
+The schema is SQLite's, table for table and column for column (JSON stays TEXT, so
+``rows`` serves both), plus ``assignments.seq``, the queue's FIFO order. Migrations
+run at ``open()`` in one transaction holding an advisory lock, so replicas starting at
+once apply each migration exactly once; each is recorded in the transaction of its DDL.
+
+Concurrency, where SQLite serialises every writer on one lock:
+- ``lock_execution`` is ``SELECT ... FOR UPDATE``: writers of one execution queue up on
+  its row, writers of different executions run in parallel.
+- Inside a transaction, ``get_assignment`` locks the row too, so an engine's
+  read-modify-write of an assignment never interleaves with a claim, requeue or defer:
+  each happens wholly before or after it, as it would on SQLite.
+- ``claim_assignments`` and ``take_timer`` skip rows other transactions hold
+  (``FOR UPDATE SKIP LOCKED``): two claimers never get the same assignment, and a
+  claimer never waits behind an engine.
+
+Every driver and OS error leaves this module as StoreError (RequestIdTakenError for a
+taken request_id); callers never see asyncpg.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Collection, Sequence
+from contextlib import asynccontextmanager, suppress
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+
+from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
+from levante.errors import RequestIdTakenError, StoreError
+from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
+from levante.store import rows
+from levante.store.base import SCHEMA_VERSION, StoredDefinition
+
+MIGRATIONS: dict[int, str] = {
+    1: """
+    CREATE TABLE definitions (
+        id BIGSERIAL PRIMARY KEY,
+        text TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE workflows (
+        name TEXT PRIMARY KEY,
+        definition_id BIGINT NOT NULL REFERENCES definitions(id),
+        updated_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE executions (
+        id TEXT PRIMARY KEY,
+        workflow TEXT NOT NULL,
+        definition_id BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        state_info TEXT NOT NULL,
+        input TEXT NOT NULL,
+        params TEXT NOT NULL,
+        context TEXT NOT NULL,
+        output TEXT NOT NULL,
+        final_context TEXT NOT NULL,
+        active_tasks INTEGER NOT NULL,
+        waiting_tasks INTEGER NOT NULL,
+        next_seq BIGINT NOT NULL,
+        errors TEXT NOT NULL,
+        request_id TEXT CONSTRAINT executions_request_id UNIQUE,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        parent_task_id TEXT,
+        item INTEGER
+    );
+    CREATE INDEX executions_created ON executions(created_at);
+    CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        execution_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        state_info TEXT NOT NULL,
+        action TEXT,
+        in_context TEXT NOT NULL,
+        result TEXT NOT NULL,
+        published TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        assignment_id TEXT,
+        arrivals TEXT NOT NULL,
+        has_next INTEGER NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL,
+        runtime TEXT NOT NULL
+    );
+    CREATE INDEX tasks_by_name ON tasks(execution_id, name, seq);
+    CREATE INDEX tasks_by_state ON tasks(execution_id, state);
+    CREATE TABLE assignments (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        execution_id TEXT NOT NULL,
+        task_name TEXT NOT NULL,
+        action TEXT NOT NULL,
+        input TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        worker_id TEXT,
+        lease_expires_at DOUBLE PRECISION,
+        outcome_ok INTEGER,
+        outcome TEXT,
+        created_at DOUBLE PRECISION NOT NULL,
+        item INTEGER,
+        target TEXT,
+        seq BIGSERIAL NOT NULL
+    );
+    CREATE INDEX assignments_queue ON assignments(state, action, seq);
+    CREATE INDEX assignments_leases ON assignments(state, lease_expires_at);
+    CREATE INDEX assignments_by_worker ON assignments(worker_id, state);
+    CREATE INDEX assignments_by_execution ON assignments(execution_id, state);
+    CREATE INDEX assignments_by_task ON assignments(task_id, item);
+    """,
+    2: """
+    CREATE TABLE timers (
+        id TEXT PRIMARY KEY,
+        execution_id TEXT NOT NULL,
+        task_id TEXT,
+        kind TEXT NOT NULL,
+        due_at DOUBLE PRECISION NOT NULL,
+        payload TEXT NOT NULL
+    );
+    CREATE INDEX timers_due ON timers(due_at);
+    CREATE INDEX timers_by_execution ON timers(execution_id);
+    """,
+}
+assert max(MIGRATIONS) == SCHEMA_VERSION
+
+# The key of the advisory lock taken while migrating: "levante" in ASCII. Advisory locks
+# are per database, so stores of different databases on one server do not wait for each other.
+MIGRATION_LOCK = int.from_bytes(b"levante", "big")
+
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,  # the server said no (and DataError: a value it cannot take)
+    asyncpg.InterfaceError,  # misuse or a closed connection
+    asyncpg.InternalClientError,  # the driver lost track of the protocol
+    OSError,  # the network, including timeouts
+)
+
+
+class _Failing:
+    """``with _Failing("what"):`` turns driver and OS errors into StoreError("what: ...")."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, _DRIVER_ERRORS):
+            raise StoreError(f"{self.what}: {exc}") from exc
+
+
+def _params(first: int, n: int) -> str:
+    return ", ".join(f"${i}" for i in range(first, first + n))
+
+
+def _upsert_sql(table: str, columns: Sequence[str]) -> str:
+    updates = ", ".join(f"{c}=EXCLUDED.{c}" for c in columns if c != "id")
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_params(1, len(columns))}) "
+        f"ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+
+
+def _count(status: str) -> int:
+    """The row count of a command tag such as ``UPDATE 3``."""
+    return int(status.rsplit(" ", 1)[-1])
+
+
+_EXECUTION_COLS = ", ".join(rows.EXECUTION_COLUMNS)
+_TASK_COLS = ", ".join(rows.TASK_COLUMNS)
+_ASSIGNMENT_COLS = ", ".join(rows.ASSIGNMENT_COLUMNS)
+_TIMER_COLS = ", ".join(rows.TIMER_COLUMNS)
+_UPSERT_EXECUTION = _upsert_sql("executions", rows.EXECUTION_COLUMNS)
+_UPSERT_TASK = _upsert_sql("tasks", rows.TASK_COLUMNS)
+_UPSERT_ASSIGNMENT = _upsert_sql("assignments", rows.ASSIGNMENT_COLUMNS)
+# A taken request_id inserts nothing instead of failing, so the transaction stays
+# usable (as after SQLite's failed INSERT); a concurrent uncommitted insert of the same
+# request_id makes this wait for that transaction's end.
+_INSERT_EXECUTION = (
+    f"INSERT INTO executions ({_EXECUTION_COLS}) "
+    f"VALUES ({_params(1, len(rows.EXECUTION_COLUMNS))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+# The picked rows are a MATERIALIZED CTE: as ``id IN (SELECT ... LIMIT n)`` the planner
+# may run the subquery once per outer row (a semi join), and each run, skipping the rows
+# this very statement has just updated, picks n more: one claim would take the lot.
+_CLAIM = (
+    "WITH picked AS MATERIALIZED (SELECT id FROM assignments "
+    "WHERE state='QUEUED' AND action = ANY($3::text[]) "
+    "AND (target IS NULL OR target = ANY($5::text[])) "
+    "ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
+    "UPDATE assignments a SET state='LEASED', worker_id=$1, lease_expires_at=$2 "
+    "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
+    f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq"
+)
+_INSERT_TIMER = (
+    f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_params(1, len(rows.TIMER_COLUMNS))}) "
+    "ON CONFLICT (id) DO NOTHING"
+)
+
+
+class PostgresTransaction:
+    """One BEGIN ... COMMIT on a connection of the pool (READ COMMITTED)."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+
+    async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        with _Failing(f"cannot lock execution {execution_id}"):
+            row = await self._conn.fetchrow(
+                f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1", execution_id
+            )
+        return None if row is None else rows.execution_from_row(row)
+
+    async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None:
+        with _Failing("cannot look up a request_id"):
+            found = await self._conn.fetchval(
+                "SELECT id FROM executions WHERE request_id=$1", request_id
+            )
+        return None if found is None else ExecutionId(found)
+
+    async def insert_execution(self, execution: ExecutionRecord) -> None:
+        with _Failing(f"cannot insert execution {execution.id}"):
+            status = await self._conn.execute(_INSERT_EXECUTION, *rows.execution_row(execution))
+        if _count(status) == 0:
+            raise RequestIdTakenError(
+                f"request_id {execution.request_id!r} is taken by another execution"
+            )
+
+    async def update_execution(self, execution: ExecutionRecord) -> None:
+        with _Failing(f"cannot save execution {execution.id}"):
+            await self._conn.execute(_UPSERT_EXECUTION, *rows.execution_row(execution))
+
+    async def get_task(self, task_id: TaskId) -> TaskRecord | None:
+        with _Failing(f"cannot read task {task_id}"):
+            row = await self._conn.fetchrow(f"SELECT {_TASK_COLS} FROM tasks WHERE id=$1", task_id)
+        return None if row is None else rows.task_from_row(row)
+
+    async def latest_tasks(
+        self, execution_id: ExecutionId, names: Collection[str]
+    ) -> dict[str, TaskRecord]:
+        if not names:
+            return {}
+        with _Failing(f"cannot read the tasks of execution {execution_id}"):
+            found = await self._conn.fetch(
+                f"SELECT DISTINCT ON (name) {_TASK_COLS} FROM tasks "
+                "WHERE execution_id=$1 AND name = ANY($2::text[]) ORDER BY name, seq DESC",
+                execution_id,
+                list(names),
+            )
+        return {r["name"]: rows.task_from_row(r) for r in found}
+
+    async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        with _Failing(f"cannot read the waiting tasks of execution {execution_id}"):
+            found = await self._conn.fetch(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 AND state='WAITING' "
+                "ORDER BY seq",
+                execution_id,
+            )
+        return [rows.task_from_row(r) for r in found]
+
+    async def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
+        if tasks:
+            with _Failing("cannot save tasks"):
+                await self._conn.executemany(_UPSERT_TASK, [rows.task_row(t) for t in tasks])
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
+        # Locked until commit: see the module docstring.
+        with _Failing(f"cannot read assignment {assignment_id}"):
+            row = await self._conn.fetchrow(
+                f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=$1 FOR UPDATE",
+                assignment_id,
+            )
+        return None if row is None else rows.assignment_from_row(row)
+
+    async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
+        if assignments:
+            with _Failing("cannot save assignments"):
+                await self._conn.executemany(
+                    _UPSERT_ASSIGNMENT, [rows.assignment_row(a) for a in assignments]
+                )
+
+    async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
+        with _Failing(f"cannot read the assignments of task {task_id}"):
+            found = await self._conn.fetch(
+                f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE task_id=$1 ORDER BY seq",
+                task_id,
+            )
+        return [rows.assignment_from_row(r) for r in found]
+
+    async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
+        with _Failing(f"cannot cancel the queued assignments of execution {execution_id}"):
+            await self._conn.execute(
+                "UPDATE assignments SET state='CANCELLED' "
+                "WHERE execution_id=$1 AND state IN ('QUEUED', 'HELD')",
+                execution_id,
+            )
+
+    async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
+        if timers:
+            with _Failing("cannot save timers"):
+                await self._conn.executemany(_INSERT_TIMER, [rows.timer_row(t) for t in timers])
+
+    async def delete_timers(self, timer_ids: Collection[str]) -> None:
+        if timer_ids:
+            with _Failing("cannot delete timers"):
+                await self._conn.execute(
+                    "DELETE FROM timers WHERE id = ANY($1::text[])", list(timer_ids)
+                )
+
+    async def take_timer(self, timer_id: str) -> TimerRecord | None:
+        with _Failing(f"cannot take timer {timer_id}"):
+            row = await self._conn.fetchrow(
+                "DELETE FROM timers WHERE id = "
+                "(SELECT id FROM timers WHERE id=$1 FOR UPDATE SKIP LOCKED) "
+                f"RETURNING {_TIMER_COLS}",
+                timer_id,
+            )
+        return None if row is None else rows.timer_from_row(row)
+
+
+class PostgresStore:
+    """A pool of connections to one database; ``url`` is a libpq URL asyncpg accepts."""
+
+    def __init__(self, url: str, *, min_size: int = 1, max_size: int = 10) -> None:
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max_size
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        with _Failing("cannot connect to PostgreSQL"):
+            pool = await asyncpg.create_pool(
+                self.url,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                server_settings={"application_name": "levante"},
+            )
+        try:
+            with _Failing("cannot migrate the schema"):
+                async with pool.acquire() as conn:
+                    await self._migrate(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            with _Failing("cannot close the connection pool"):
+                await pool.close()
+
+    @staticmethod
+    async def _migrate(conn: Any) -> None:
+        """Apply missing migrations, each recorded in the same transaction as its DDL."""
+        async with conn.transaction():
+            # Replicas opening at once wait here; the later ones then find nothing to do.
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations "
+                "(version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)"
+            )
+            current = int(
+                await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_migrations")
+            )
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the store's schema version {current} is newer than this Levante's "
+                    f"({SCHEMA_VERSION}); upgrade Levante"
+                )
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                await conn.execute(MIGRATIONS[version])  # no arguments: several statements
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)",
+                    version,
+                    time.time(),
+                )
+
+    @property
+    def _p(self) -> Any:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return self._pool
+
+    @asynccontextmanager
+    async def _connection_in_transaction(self) -> AsyncIterator[Any]:
+        pool = self._p
+        with _Failing("cannot begin a transaction"):
+            conn = await pool.acquire()
+        try:
+            tx = conn.transaction()
+            with _Failing("cannot begin a transaction"):
+                await tx.start()
+            try:
+                yield conn
+            except BaseException:
+                # The connection may be gone; the pool discards it on release then.
+                with suppress(*_DRIVER_ERRORS):
+                    await tx.rollback()
+                raise
+            with _Failing("commit failed"):
+                await tx.commit()
+        finally:
+            with suppress(*_DRIVER_ERRORS):
+                await pool.release(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[PostgresTransaction]:
+        async with self._connection_in_transaction() as conn:
+            yield PostgresTransaction(conn)
+
+    # -- definitions
+
+    async def save_definition(
+        self, text: str, workflow_names: Sequence[str], now: float
+    ) -> DefinitionId:
+        async with self._connection_in_transaction() as conn:
+            with _Failing("cannot save a definition"):
+                definition_id = DefinitionId(
+                    int(
+                        await conn.fetchval(
+                            "INSERT INTO definitions (text, created_at) VALUES ($1, $2) "
+                            "RETURNING id",
+                            text,
+                            now,
+                        )
+                    )
+                )
+                await conn.executemany(
+                    "INSERT INTO workflows (name, definition_id, updated_at) VALUES ($1, $2, $3) "
+                    "ON CONFLICT (name) DO UPDATE SET definition_id=EXCLUDED.definition_id, "
+                    "updated_at=EXCLUDED.updated_at",
+                    [(name, definition_id, now) for name in workflow_names],
+                )
+        return definition_id
+
+    async def find_workflow(self, name: str) -> StoredDefinition | None:
+        with _Failing(f"cannot look up workflow {name!r}"):
+            row = await self._p.fetchrow(
+                "SELECT d.id, d.text FROM workflows w JOIN definitions d ON d.id = w.definition_id "
+                "WHERE w.name=$1",
+                name,
+            )
+        return None if row is None else StoredDefinition(DefinitionId(int(row[0])), row[1])
+
+    async def get_definition(self, definition_id: DefinitionId) -> StoredDefinition | None:
+        with _Failing(f"cannot read definition {definition_id}"):
+            row = await self._p.fetchrow(
+                "SELECT id, text FROM definitions WHERE id=$1", definition_id
+            )
+        return None if row is None else StoredDefinition(DefinitionId(int(row[0])), row[1])
+
+    # -- executions
+
+    async def get_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        with _Failing(f"cannot read execution {execution_id}"):
+            row = await self._p.fetchrow(
+                f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1", execution_id
+            )
+        return None if row is None else rows.execution_from_row(row)
+
+    async def list_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        with _Failing(f"cannot read the tasks of execution {execution_id}"):
+            found = await self._p.fetch(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 ORDER BY seq", execution_id
+            )
+        return [rows.task_from_row(r) for r in found]
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
+        with _Failing(f"cannot read assignment {assignment_id}"):
+            row = await self._p.fetchrow(
+                f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=$1", assignment_id
+            )
+        return None if row is None else rows.assignment_from_row(row)
+
+    # -- the queue
+
+    async def claim_assignments(
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
+    ) -> list[AssignmentRecord]:
+        if limit <= 0 or not actions:
+            return []
+        with _Failing(f"cannot claim assignments for worker {worker_id}"):
+            found = await self._p.fetch(
+                _CLAIM,
+                worker_id,
+                lease_until,
+                sorted(actions),
+                limit,
+                sorted(targets),
+            )
+        # RETURNING follows no order; the worker gets the oldest first.
+        return [rows.assignment_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
+
+    async def release_assignments(self, worker_id: str, keep: Collection[AssignmentId] = ()) -> int:
+        with _Failing(f"cannot release the assignments of worker {worker_id}"):
+            status = await self._p.execute(
+                "UPDATE assignments SET state='QUEUED', worker_id=NULL, lease_expires_at=NULL "
+                "WHERE worker_id=$1 AND state='LEASED' AND NOT (id = ANY($2::text[]))",
+                worker_id,
+                list(keep),
+            )
+        return _count(status)
+
+    async def extend_leases(
+        self, worker_id: str, assignment_ids: Collection[AssignmentId], lease_until: float
+    ) -> None:
+        if not assignment_ids:
+            return
+        with _Failing(f"cannot extend the leases of worker {worker_id}"):
+            await self._p.execute(
+                "UPDATE assignments SET lease_expires_at=$1 "
+                "WHERE worker_id=$2 AND state='LEASED' AND id = ANY($3::text[])",
+                lease_until,
+                worker_id,
+                list(assignment_ids),
+            )
+
+    async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
+        # As on SQLite, any worker may defer (worker_id is not checked).
+        with _Failing(f"cannot defer assignment {assignment_id}"):
+            status = await self._p.execute(
+                "UPDATE assignments SET state='DEFERRED', lease_expires_at=NULL "
+                "WHERE id=$1 AND state IN ('LEASED', 'QUEUED')",
+                assignment_id,
+            )
+        return _count(status) > 0
+
+    async def requeue_expired(self, now: float) -> int:
+        with _Failing("cannot requeue expired leases"):
+            status = await self._p.execute(
+                "UPDATE assignments SET state='QUEUED', worker_id=NULL, lease_expires_at=NULL "
+                "WHERE state='LEASED' AND lease_expires_at <= $1",
+                now,
+            )
+        return _count(status)
+
+    async def next_lease_expiry(self) -> float | None:
+        with _Failing("cannot read the next lease expiry"):
+            due = await self._p.fetchval(
+                "SELECT MIN(lease_expires_at) FROM assignments WHERE state='LEASED'"
+            )
+        return None if due is None else float(due)
+
+    # -- timers
+
+    async def due_timers(self, now: float, limit: int) -> list[TimerRecord]:
+        with _Failing("cannot read due timers"):
+            found = await self._p.fetch(
+                f"SELECT {_TIMER_COLS} FROM timers WHERE due_at <= $1 ORDER BY due_at LIMIT $2",
+                now,
+                limit,
+            )
+        return [rows.timer_from_row(r) for r in found]
+
+    async def next_timer_due(self) -> float | None:
+        with _Failing("cannot read the next timer"):
+            due = await self._p.fetchval("SELECT MIN(due_at) FROM timers")
+        return None if due is None else float(due)

@@ -1,0 +1,400 @@
+"""The language beyond plain transitions, through the in-process engine (same core).
+
+with-items, retry, wait-before / wait-after, timeout, fail-on, subworkflows, reverse
+workflows, ad-hoc actions, advanced publishing, keep-result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from levante.errors import DefinitionError, InvalidInputError
+from levante.runner import ExecutionResult, LocalEngine
+
+
+async def run(definition: str, workflow: str | None = None, input: dict[str, Any] | None = None,
+              actions: dict[str, Any] | None = None, params: dict[str, Any] | None = None,
+              ) -> ExecutionResult:  # fmt: skip
+    async with LocalEngine(actions=actions or {}) as local:
+        names = await local.register(definition)
+        return await asyncio.wait_for(
+            local.run(workflow or names[0], input or {}, params=params), timeout=60
+        )
+
+
+# ---------------------------------------------------------------- with-items
+
+
+async def test_with_items_results_in_item_order_under_concurrency() -> None:
+    running = 0
+    peak = 0
+
+    async def slow_square(x: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01 * (10 - x))  # later items finish first
+        running -= 1
+        return x * x
+
+    result = await run("""
+version: '2.0'
+squares:
+  input: [numbers]
+  tasks:
+    square:
+      with-items: n in <% $.numbers %>
+      concurrency: 3
+      action: math.square x=<% $.n %>
+      publish: {squares: <% task().result %>}
+""", input={"numbers": list(range(10))}, actions={"math.square": slow_square})
+    assert result.ok, result.state_info
+    assert result.output == {"squares": [n * n for n in range(10)]}
+    assert peak == 3
+
+
+async def test_with_items_lockstep_lists_and_empty_list() -> None:
+    result = await run("""
+version: '2.0'
+pairs:
+  input: [names, ages, nothing]
+  tasks:
+    pair:
+      with-items:
+        - name in <% $.names %>
+        - age in <% $.ages %>
+      action: std.echo output="<% $.name %> is <% $.age %>"
+      publish: {pairs: <% task().result %>}
+      on-success: [none]
+    none:
+      with-items: x in <% $.nothing %>
+      action: std.echo output=<% $.x %>
+      publish: {empty: <% task().result %>}
+""", input={"names": ["ann", "bob"], "ages": [30, 40], "nothing": []})
+    assert result.ok, result.state_info
+    assert result.output == {"pairs": ["ann is 30", "bob is 40"], "empty": []}
+
+
+async def test_with_items_fails_when_an_item_fails() -> None:
+    def check(x: int) -> int:
+        if x == 2:
+            raise ValueError("two is bad")
+        return x
+
+    result = await run("""
+version: '2.0'
+items:
+  tasks:
+    each:
+      with-items: x in [1, 2, 3]
+      action: check x=<% $.x %>
+""", actions={"check": check})
+    assert result.state == "ERROR"
+    assert "two is bad" in result.task("each").state_info
+
+
+# ---------------------------------------------------------------- retry and policies
+
+
+async def test_retry_until_success() -> None:
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError(f"attempt {len(calls)} failed")
+        return "finally"
+
+    result = await run("""
+version: '2.0'
+retrying:
+  tasks:
+    t:
+      action: flaky
+      retry: count=5 delay=0
+      publish: {r: <% task().result %>}
+""", actions={"flaky": flaky})
+    assert result.ok, result.state_info
+    assert result.output == {"r": "finally"}
+    assert len(calls) == 3 and result.task("t").attempt == 3
+
+
+async def test_retry_exhausted_and_break_on() -> None:
+    def always() -> None:
+        raise RuntimeError("nope")
+
+    exhausted = await run("""
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: always
+      retry: {count: 2, delay: 0.05}
+""", actions={"always": always})
+    assert exhausted.state == "ERROR" and exhausted.task("t").attempt == 3
+
+    broken = await run("""
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: always
+      retry:
+        count: 5
+        delay: 0
+        break-on: <% task().result.message = 'nope' %>
+""", actions={"always": always})
+    assert broken.state == "ERROR" and broken.task("t").attempt == 1
+
+
+async def test_continue_on_retries_a_success_while_it_holds() -> None:
+    seen = iter(range(100))
+
+    def count() -> int:
+        return next(seen)
+
+    result = await run("""
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: count
+      retry:
+        count: 10
+        delay: 0
+        continue-on: <% task().result < 3 %>
+      publish: {last: <% task().result %>}
+""", actions={"count": count})
+    assert result.ok and result.output == {"last": 3}
+
+
+async def test_wait_before_and_wait_after_delay_the_task() -> None:
+    started = time.monotonic()
+    result = await run("""
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: std.echo output=1
+      wait-before: 0.3
+      wait-after: 0.3
+      on-success: [u]
+    u:
+      action: std.noop
+""")
+    assert result.ok
+    assert time.monotonic() - started >= 0.6
+
+
+async def test_timeout_fails_the_task_and_on_error_routes_it() -> None:
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    result = await run("""
+version: '2.0'
+wf:
+  tasks:
+    slow:
+      action: forever
+      timeout: 0.2
+      on-error: [handled]
+    handled:
+      action: std.echo output="timed out"
+      publish: {said: <% task().result %>}
+""", actions={"forever": forever})
+    assert result.ok, result.state_info
+    assert result.output == {"said": "timed out"}
+    assert "timed out" in result.task("slow").state_info
+
+
+async def test_fail_on() -> None:
+    result = await run("""
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: std.echo output=5
+      fail-on: <% task().result > 3 %>
+""")
+    assert result.state == "ERROR"
+    assert result.task("t").state == "ERROR"
+
+
+# ---------------------------------------------------------------- subworkflows
+
+
+SUB = """
+version: '2.0'
+parent:
+  input: [n]
+  tasks:
+    call:
+      workflow: child x=<% $.n %>
+      publish: {got: <% task().result.doubled %>}
+      on-error: [rescue]
+    rescue:
+      action: std.echo output=rescued
+      publish: {got: rescued}
+child:
+  input: [x]
+  output:
+    doubled: <% $.d %>
+    region: <% env().region %>
+  tasks:
+    double:
+      action: std.echo output=<% $.x * 2 %>
+      publish: {d: <% task().result %>}
+      on-success:
+        - boom: <% $.d > 100 %>
+    boom:
+      action: std.fail
+"""
+
+
+async def test_subworkflow_output_becomes_the_task_result_and_env_is_inherited() -> None:
+    async with LocalEngine() as local:
+        await local.register(SUB)
+        result = await local.run("parent", {"n": 21}, params={"env": {"region": "eu"}})
+        assert result.ok, result.state_info
+        assert result.output == {"got": 42}
+        call = result.task("call")
+        assert call.result == {"doubled": 42, "region": "eu"}
+        child = await local.status(call.assignment_id)
+        assert child.workflow == "child" and child.state == "SUCCESS"
+
+
+async def test_subworkflow_error_propagates_to_the_parent_task() -> None:
+    result = await run(SUB, "parent", {"n": 500}, params={"env": {"region": "eu"}})
+    assert result.ok, result.state_info
+    assert result.task("call").state == "ERROR"
+    assert result.output == {"got": "rescued"}
+
+
+# ---------------------------------------------------------------- reverse workflows
+
+
+async def test_reverse_workflow_runs_only_what_the_target_requires() -> None:
+    definition = """
+version: '2.0'
+build:
+  type: reverse
+  tasks:
+    fetch:
+      action: std.echo output=src
+      publish: {src: <% task().result %>}
+    compile:
+      requires: [fetch]
+      action: std.echo output="bin from <% $.src %>"
+      publish: {bin: <% task().result %>}
+    docs:
+      requires: [fetch]
+      action: std.echo output=docs
+    package:
+      requires: [compile]
+      action: std.echo output="pkg of <% $.bin %>"
+      publish: {pkg: <% task().result %>}
+"""
+    result = await run(definition, params={"task_name": "package"})
+    assert result.ok, result.state_info
+    assert [t.name for t in result.tasks] == ["fetch", "compile", "package"]
+    assert result.output["pkg"] == "pkg of bin from src"
+    with pytest.raises(InvalidInputError, match="task_name"):
+        await run(definition)
+
+
+# ---------------------------------------------------------------- ad-hoc actions
+
+
+async def test_adhoc_actions_nest_and_transform_output() -> None:
+    result = await run("""
+version: '2.0'
+name: wb
+actions:
+  greet:
+    base: std.echo
+    base-input:
+      output: "Hello, <% $.who %>"
+    input: [who]
+    output: <% $ + "!" %>
+  shout:
+    base: greet
+    base-input:
+      who: <% $.name %>
+    input:
+      - name: world
+    output:
+      loud: <% $ %>
+workflows:
+  wf:
+    tasks:
+      t:
+        action: shout name=Ada
+        publish: {r: <% task().result %>}
+      u:
+        action: shout
+        publish: {d: <% task().result.loud %>}
+""", "wb.wf")
+    assert result.ok, result.state_info
+    assert result.output == {"r": {"loud": "Hello, Ada!"}, "d": "Hello, world!"}
+
+
+async def test_adhoc_missing_input_fails_the_task() -> None:
+    result = await run("""
+version: '2.0'
+name: wb
+actions:
+  needs:
+    base: std.echo
+    base-input: {output: <% $.x %>}
+    input: [x]
+workflows:
+  wf:
+    tasks:
+      t:
+        action: needs
+""", "wb.wf")
+    assert result.state == "ERROR"
+    assert "missing=['x']" in result.state_info
+
+
+# ---------------------------------------------------------------- publishing
+
+
+async def test_branch_and_global_publish_and_keep_result() -> None:
+    result = await run("""
+version: '2.0'
+wf:
+  output:
+    seen: <% $.seen %>
+    total: <% global(total) %>
+    dropped: <% task(quiet).result %>
+  tasks:
+    first:
+      action: std.echo output=7
+      on-success:
+        publish:
+          branch: {seen: <% task().result %>}
+          global: {total: <% task().result * 10 %>}
+        next: [quiet]
+    quiet:
+      action: std.echo output=secret
+      keep-result: false
+""")
+    assert result.ok, result.state_info
+    assert result.output == {"seen": 7, "total": 70, "dropped": None}
+
+
+async def test_pause_is_refused_until_the_engine_can_resume() -> None:
+    with pytest.raises(DefinitionError, match="pause"):
+        await run("""
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: std.noop
+      on-success: [pause]
+""")
