@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from levante.errors import DefinitionError, InvalidInputError
+from levante.client import ExecutionInfo
+from levante.core.model import Outcome
+from levante.errors import ConflictError, InvalidInputError
 from levante.runner import ExecutionResult, LocalEngine
 
 
@@ -388,13 +390,125 @@ wf:
     assert result.output == {"seen": 7, "total": 70, "dropped": None}
 
 
-async def test_pause_is_refused_until_the_engine_can_resume() -> None:
-    with pytest.raises(DefinitionError, match="pause"):
-        await run("""
+async def wait_state(local: LocalEngine, execution_id: str, *states: str) -> ExecutionInfo:
+    deadline = time.monotonic() + 30
+    while True:
+        info = await local.status(execution_id)
+        if info.state in states:
+            return info
+        assert time.monotonic() < deadline, f"still {info.state}, wanted {states}"
+        await asyncio.sleep(0.01)
+
+
+async def test_pause_command_and_resume_carry_on_with_the_rest() -> None:
+    async with LocalEngine() as local:
+        await local.register("""
+version: '2.0'
+wf:
+  tasks:
+    a:
+      action: std.echo output=1
+      on-success:
+        - b
+        - pause(msg="check b first")
+        - c
+    b:
+      action: std.echo output=2
+    c:
+      action: std.echo output=3
+""")
+        execution_id = await local.start("wf")
+        paused = await wait_state(local, execution_id, "PAUSED")
+        assert paused.state_info == "check b first"
+        await local.resume(execution_id)
+        result = await local.wait(execution_id)
+        assert result.ok and sorted(t.name for t in result.tasks) == ["a", "b", "c"]
+
+
+async def test_operator_pause_holds_new_work_until_resume() -> None:
+    gate = asyncio.Event()
+    ran: list[str] = []
+
+    async def step(name: str) -> str:
+        ran.append(name)
+        if name == "first":
+            await gate.wait()
+        return name
+
+    async with LocalEngine(actions={"step": step}) as local:
+        await local.register("""
+version: '2.0'
+wf:
+  tasks:
+    first:
+      action: step name=first
+      on-success: [second]
+    second:
+      action: step name=second
+""")
+        execution_id = await local.start("wf")
+        while ran != ["first"]:
+            await asyncio.sleep(0.005)
+        await local.pause(execution_id)
+        gate.set()  # 'first' finishes while paused: 'second' must not start
+        info = await wait_state(local, execution_id, "PAUSED")
+        while info.tasks[0].state != "SUCCESS":
+            info = await local.status(execution_id)
+            await asyncio.sleep(0.005)
+        assert [t.name for t in info.tasks] == ["first"] and ran == ["first"]
+        await local.resume(execution_id)
+        result = await local.wait(execution_id)
+        assert result.ok and ran == ["first", "second"]
+
+
+async def test_cancel_marks_waiting_tasks_and_refuses_late_outcomes() -> None:
+    async with LocalEngine() as local:
+        await local.register("""
+version: '2.0'
+wf:
+  tasks:
+    waits:
+      action: std.async_noop
+""")
+        execution_id = await local.start("wf")
+        info = await wait_state(local, execution_id, "RUNNING")
+        while not info.tasks:
+            info = await local.status(execution_id)
+        await local.cancel(execution_id, "no longer needed")
+        result = await local.wait(execution_id)
+        assert result.state == "CANCELLED" and result.state_info == "no longer needed"
+        assert result.task("waits").state == "CANCELLED"
+        with pytest.raises(ConflictError):
+            await local.complete(result.task("waits").assignment_id, Outcome.success(1))
+        with pytest.raises(ConflictError, match="CANCELLED"):
+            await local.resume(execution_id)
+
+
+async def test_rerun_a_failed_task_carries_the_execution_on() -> None:
+    attempts: list[int] = []
+
+    def shaky() -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first time fails")
+        return "fixed"
+
+    async with LocalEngine(actions={"shaky": shaky}) as local:
+        await local.register("""
 version: '2.0'
 wf:
   tasks:
     t:
-      action: std.noop
-      on-success: [pause]
+      action: shaky
+      publish: {r: <% task().result %>}
+      on-success: [after]
+    after:
+      action: std.echo output=<% $.r %>
 """)
+        failed = await local.run("wf")
+        assert failed.state == "ERROR"
+        await local.rerun(failed.execution_id, "t")
+        result = await local.wait(failed.execution_id)
+        assert result.ok, result.state_info
+        assert result.output == {"r": "fixed"}
+        assert result.task("t").attempt == 2

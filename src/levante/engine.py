@@ -25,6 +25,8 @@ from levante.core.model import (
     AssignmentCompleted,
     AssignmentRecord,
     AssignmentState,
+    BacklogResumed,
+    CancelExecutionWork,
     CancelQueuedAssignments,
     CancelTaskAssignments,
     CancelTimer,
@@ -32,24 +34,31 @@ from levante.core.model import (
     Decision,
     DispatchAssignment,
     Event,
+    ExecutionCancelRequested,
     ExecutionDrained,
+    ExecutionPauseRequested,
     ExecutionRecord,
+    ExecutionResumeRequested,
     ExecutionStarted,
+    ExecutionState,
     ItemsSettled,
     Outcome,
+    PauseAssignments,
+    PropagateToChildren,
+    ResumeAssignments,
     Snapshot,
     StartChildExecution,
     StartTimer,
     TaskFinished,
     TaskRecord,
+    TaskRerunRequested,
+    TaskState,
     TimerFired,
     TimerRecord,
 )
-from levante.core.support import unsupported_features
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
-    DefinitionError,
     InvalidInputError,
     LevanteError,
     NotFoundError,
@@ -156,10 +165,6 @@ class Engine:
     async def register(self, text: str) -> list[str]:
         """Parse, validate and store a document; returns the workflow names it defines."""
         document = parse_document(text)
-        unsupported = unsupported_features(document)
-        if unsupported:
-            line, message = unsupported[0]
-            raise DefinitionError(message, line)
         names = list(document.workflows)
         definition_id = await self.store.save_definition(text, names, self._clock())
         self._documents[definition_id] = document
@@ -277,6 +282,77 @@ class Engine:
             await self._apply(tx, decide(index.spec, snapshot, event), effects)
         self._notify(effects)
 
+    # -- lifecycle
+
+    async def pause(self, execution_id: ExecutionId) -> None:
+        await self._lifecycle(execution_id, "pause", (ExecutionState.RUNNING,))
+
+    async def resume(self, execution_id: ExecutionId) -> None:
+        await self._lifecycle(execution_id, "resume", (ExecutionState.PAUSED,))
+
+    async def cancel(self, execution_id: ExecutionId, reason: str = "") -> None:
+        await self._lifecycle(
+            execution_id, "cancel", (ExecutionState.RUNNING, ExecutionState.PAUSED),
+            reason or "Cancelled by an operator",
+        )  # fmt: skip
+
+    async def rerun(self, execution_id: ExecutionId, task_name: str) -> None:
+        """Run a failed task of a failed execution again and carry the execution on."""
+        effects = _Effects()
+        async with self.store.transaction() as tx:
+            execution = await tx.lock_execution(execution_id)
+            if execution is None:
+                raise NotFoundError(f"execution '{execution_id}' not found")
+            index = await self._workflow(execution.definition_id, execution.workflow)
+            if task_name not in index.spec.tasks:
+                raise NotFoundError(
+                    f"task '{task_name}' not found in workflow {execution.workflow}"
+                )
+            if execution.state != ExecutionState.ERROR:
+                raise ConflictError(
+                    f"execution {execution_id} is {execution.state.value}: only an execution "
+                    "in ERROR can rerun a task"
+                )
+            latest = await tx.latest_tasks(execution.id, index.names_to_load(task_name))
+            task = latest.get(task_name)
+            if task is None or task.state != TaskState.ERROR:
+                state = "never ran" if task is None else f"is {task.state.value}"
+                raise ConflictError(f"task '{task_name}' {state}: only a task in ERROR reruns")
+            snapshot = Snapshot(execution, latest, task)
+            event = TaskRerunRequested(execution.id, task_name, self._clock())
+            await self._apply(tx, decide(index.spec, snapshot, event), effects)
+        self._notify(effects)
+
+    async def _lifecycle(
+        self, execution_id: ExecutionId, verb: str, allowed: tuple[ExecutionState, ...],
+        reason: str = "",
+    ) -> None:  # fmt: skip
+        effects = _Effects()
+        async with self.store.transaction() as tx:
+            execution = await tx.lock_execution(execution_id)
+            if execution is None:
+                raise NotFoundError(f"execution '{execution_id}' not found")
+            if execution.state not in allowed:
+                raise ConflictError(
+                    f"cannot {verb} execution {execution_id}: it is {execution.state.value}"
+                )
+            event = _lifecycle_event(verb, execution.id, reason, self._clock())
+            index, snapshot = await self._execution_snapshot(tx, {execution.id: execution}, event)
+            await self._apply(tx, decide(index.spec, snapshot, event), effects)
+        self._notify(effects)
+
+    async def _execution_snapshot(
+        self, tx: StoreTransaction, executions: dict[ExecutionId, ExecutionRecord], event: Event,
+    ) -> tuple[_WorkflowIndex, Snapshot]:  # fmt: skip
+        assert isinstance(event, ExecutionPauseRequested | ExecutionResumeRequested
+                          | ExecutionCancelRequested)  # fmt: skip
+        execution = await self._execution(tx, executions, event.execution_id)
+        index = await self._workflow(execution.definition_id, execution.workflow)
+        unfinished: tuple[TaskRecord, ...] = ()
+        if isinstance(event, ExecutionCancelRequested):
+            unfinished = tuple(await tx.unfinished_tasks(execution.id))
+        return index, Snapshot(execution, unfinished=unfinished)
+
     # -- timers
 
     async def fire_timer(self, timer: TimerRecord) -> bool:
@@ -363,6 +439,14 @@ class Engine:
             case ChildExecutionEnded(parent_task_id=parent, child_execution_id=child):
                 handle = await tx.get_assignment(AssignmentId(child))
                 return await self._snapshot_for_task(tx, executions, parent, handle)
+            case BacklogResumed(entry=entry):
+                return await self._snapshot_for_task(
+                    tx, executions, TaskId(str(entry["task_id"])), None
+                )
+            case (
+                ExecutionPauseRequested() | ExecutionResumeRequested() | ExecutionCancelRequested()
+            ):
+                return await self._execution_snapshot(tx, executions, event)
             case ExecutionDrained(execution_id=execution_id):
                 execution = await self._execution(tx, executions, execution_id)
                 index = await self._workflow(execution.definition_id, execution.workflow)
@@ -401,6 +485,18 @@ class Engine:
                         effects.timer(timer.due_at)
                     case CancelTimer(timer_id=timer_id):
                         await tx.delete_timers([timer_id])
+                    case PauseAssignments(execution_id=execution_id):
+                        await tx.pause_assignments(execution_id)
+                    case ResumeAssignments(execution_id=execution_id):
+                        await tx.resume_assignments(execution_id)
+                        effects.actions |= await tx.queued_actions(execution_id)
+                    case CancelExecutionWork(execution_id=execution_id):
+                        await tx.cancel_execution_work(execution_id)
+                    case PropagateToChildren(execution_id=execution_id, event=verb):
+                        for child in await tx.child_execution_ids(execution_id):
+                            followups.append(_lifecycle_event(
+                                verb, child, "Cancelled with its parent execution", self._clock()
+                            ))  # fmt: skip
                     case StartChildExecution():
                         started = await self._start_child(tx, execution, command)
                         if isinstance(started, Decision):
@@ -457,3 +553,17 @@ class Engine:
             listeners.on_timer(effects.earliest_timer)
         if effects.ended and listeners.on_ended is not None:
             listeners.on_ended(effects.ended)
+
+
+def _lifecycle_event(
+    verb: str, execution_id: ExecutionId, reason: str, now: float
+) -> ExecutionPauseRequested | ExecutionResumeRequested | ExecutionCancelRequested:
+    match verb:
+        case "pause":
+            return ExecutionPauseRequested(execution_id, now)
+        case "resume":
+            return ExecutionResumeRequested(execution_id, now)
+        case "cancel":
+            return ExecutionCancelRequested(execution_id, reason, now)
+        case _:
+            raise AssertionError(f"unknown lifecycle verb {verb}")

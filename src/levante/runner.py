@@ -155,6 +155,18 @@ class LocalEngine:
         execution_id = await self.engine.run(workflow, input, params)
         return str(execution_id)
 
+    async def pause(self, execution_id: str) -> None:
+        await self.engine.pause(ExecutionId(execution_id))
+
+    async def resume(self, execution_id: str) -> None:
+        await self.engine.resume(ExecutionId(execution_id))
+
+    async def cancel(self, execution_id: str, reason: str = "") -> None:
+        await self.engine.cancel(ExecutionId(execution_id), reason)
+
+    async def rerun(self, execution_id: str, task_name: str) -> None:
+        await self.engine.rerun(ExecutionId(execution_id), task_name)
+
     async def status(self, execution_id: str) -> ExecutionInfo:
         execution, tasks = await self.engine.get_status(ExecutionId(execution_id))
         return _info(execution, tasks)

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, assert_never
 
+from levante.core import lifecycle
 from levante.core.finishing import (
     complete_assignment,
     fail_stranded_joins,
@@ -37,16 +38,21 @@ from levante.core.finishing import (
 )
 from levante.core.model import (
     AssignmentCompleted,
+    BacklogResumed,
     ChildExecutionEnded,
     Decision,
     Event,
+    ExecutionCancelRequested,
     ExecutionDrained,
+    ExecutionPauseRequested,
     ExecutionRecord,
+    ExecutionResumeRequested,
     ExecutionStarted,
     ExecutionState,
     ItemsSettled,
     Snapshot,
     TaskFinished,
+    TaskRerunRequested,
     TimerFired,
 )
 from levante.core.running import schedule
@@ -101,6 +107,16 @@ def decide(spec: WorkflowSpec, snapshot: Snapshot | None, event: Event) -> Decis
     assert snapshot is not None
     step = Step(spec, snapshot, event.now)
     match event:
+        case ExecutionPauseRequested():
+            lifecycle.pause(step)
+        case ExecutionResumeRequested():
+            lifecycle.resume(step)
+        case ExecutionCancelRequested():
+            lifecycle.cancel(step, event.reason)
+        case TaskRerunRequested():
+            lifecycle.rerun(step, event.task_name)
+        case BacklogResumed():
+            lifecycle.backlog_resumed(step, event)
         case AssignmentCompleted():
             complete_assignment(step, event)
         case ChildExecutionEnded():

@@ -32,6 +32,7 @@ from levante.core.model import (
     ExecutionState,
     ItemsSettled,
     Outcome,
+    PauseAssignments,
     StartTimer,
     TaskRecord,
     TaskState,
@@ -219,6 +220,11 @@ def _next_attempt(step: Step, task: TaskRecord, previous: AssignmentRecord) -> N
 def timer_fired(step: Step, event: TimerFired) -> None:
     task = step.snapshot.task
     timer = event.timer
+    if step.execution.state == ExecutionState.PAUSED:
+        step.add_backlog({"kind": "timer", "timer": {
+            "id": timer.id, "execution_id": timer.execution_id, "kind": timer.kind,
+            "task_id": timer.task_id, "payload": dict(timer.payload)}})  # fmt: skip
+        return
     if task is None or task.state.is_final or not step.running:
         return
     try:
@@ -267,6 +273,7 @@ def fail_handling(step: Step, task: TaskRecord, error: Exception) -> None:
 
 
 def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str = "") -> None:
+    """Record the outcome, publish, and take the transitions (later, if paused)."""
     task = step.current(task)
     if task.state.is_final:
         return
@@ -278,27 +285,51 @@ def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str 
                                  state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR))
     step.update_execution(active_tasks=step.execution.active_tasks - 1)
     step.commands.append(CancelTimer(f"{task.id}:timeout"))
-    if not step.running:
+    if step.execution.state.is_final:
         return  # the execution ended (fail, succeed...): record the outcome, start nothing
     try:
         published, globals_ = _publish(step, task, outcome.ok)
         task = step.put_task(replace(task, published=published))
         if globals_:
             step.update_execution(context=merge_contexts(step.execution.context, globals_))
-        outbound = {**task.in_context, **published}
-        commands = _commands(step, task, outcome.ok, outbound)
         keep = task_spec.keep_result
-        if keep is not True and not step.evaluate(keep, outbound, task):
-            task = step.put_task(replace(task, result=None))
+        if keep is not True and not step.evaluate(keep, {**task.in_context, **published}, task):
+            task = step.put_task(replace(task, runtime={**task.runtime, "drop_result": True}))
     except ExpressionError as e:
         fail_handling(step, task, e)
         return
-    handled = outcome.ok or any(from_on_error for _, _, from_on_error in commands)
-    took_task = False
-    for transition, params, _ in commands:
+    if step.execution.state == ExecutionState.PAUSED:
+        step.add_backlog({"kind": "transitions", "task_id": task.id, "skip": 0,
+                          "took_task": False})  # fmt: skip
+        return
+    take_transitions(step, task, skip=0, took_task=False)
+
+
+def take_transitions(step: Step, task: TaskRecord, skip: int, took_task: bool) -> None:
+    """Take a finished task's transitions from the ``skip``-th on (after a pause)."""
+    task = step.current(task)
+    ok = task.state == TaskState.SUCCESS
+    outbound = {**task.in_context, **task.published}
+    try:
+        commands = _commands(step, task, ok, outbound)
+    except ExpressionError as e:
+        fail_handling(step, task, e)
+        return
+    if task.runtime.get("drop_result"):
+        task = step.put_task(replace(task, result=None))  # keep-result: false
+    handled = ok or any(from_on_error for _, _, from_on_error in commands)
+    for index, (transition, params, _) in enumerate(commands):
+        if index < skip:
+            continue
         if not transition.is_engine_command:
             schedule(step, transition.target, outbound, arrived_from=task.name)
             took_task = True
+        elif transition.target == "pause":
+            step.update_execution(state=ExecutionState.PAUSED, state_info=_message(params))
+            step.commands.append(PauseAssignments(step.execution.id))
+            step.add_backlog({"kind": "transitions", "task_id": task.id, "skip": index + 1,
+                              "took_task": took_task})  # fmt: skip
+            return
         elif _engine_command(step, transition.target, params):
             break
     if not handled:
@@ -309,6 +340,11 @@ def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str 
         step.update_execution(final_context=merge_contexts(step.execution.final_context,
                                                            outbound))  # fmt: skip
     step.finish_execution_if_done()
+
+
+def _message(params: Mapping[str, Any]) -> str:
+    msg = params.get("msg")
+    return msg if isinstance(msg, str) else ("" if msg is None else json.dumps(msg))
 
 
 def _publish(step: Step, task: TaskRecord, ok: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -375,20 +411,15 @@ def _commands(
 
 
 def _engine_command(step: Step, command: str, params: Mapping[str, Any]) -> bool:
-    """Carry out fail / succeed / pause / noop; True when the rest must be dropped."""
-    msg = params.get("msg")
-    message = msg if isinstance(msg, str) else ("" if msg is None else json.dumps(msg))
+    """Carry out fail / succeed / noop; True when the rest must be dropped."""
     match command:
         case "noop":
             return False
         case "fail":
-            step.end_execution(ExecutionState.ERROR, message)
+            step.end_execution(ExecutionState.ERROR, _message(params))
             return True
         case "succeed":
-            step.end_execution(ExecutionState.SUCCESS, message)
-            return True
-        case "pause":
-            step.update_execution(state=ExecutionState.PAUSED, state_info=message)
+            step.end_execution(ExecutionState.SUCCESS, _message(params))
             return True
         case other:
             raise AssertionError(f"unknown engine command {other}")

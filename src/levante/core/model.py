@@ -58,6 +58,7 @@ class AssignmentState(StrEnum):
     LEASED = "LEASED"  # handed to a worker whose lease is live
     DEFERRED = "DEFERRED"  # the action is asynchronous; the outcome comes through TaskComplete
     CHILD = "CHILD"  # a subworkflow execution carries it out
+    PAUSED = "PAUSED"  # queued when its execution was paused; queued again at resume
     DONE = "DONE"  # outcome recorded
     CANCELLED = "CANCELLED"  # its execution ended before it ran
 
@@ -102,6 +103,9 @@ class ExecutionRecord:
     request_id: str | None = None
     parent_task_id: TaskId | None = None  # set for a subworkflow's execution
     item: int | None = None  # the parent's with-items index of this subworkflow
+    # While PAUSED: what to carry on with at resume (a finished task's transitions, a
+    # fired timer, a task held by pause-before). Small: only what happened while paused.
+    backlog: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def env(self) -> Mapping[str, Any]:
@@ -237,8 +241,47 @@ class ChildExecutionEnded:
     now: float
 
 
+@dataclass(frozen=True)
+class ExecutionPauseRequested:
+    execution_id: ExecutionId
+    now: float
+
+
+@dataclass(frozen=True)
+class ExecutionResumeRequested:
+    execution_id: ExecutionId
+    now: float
+
+
+@dataclass(frozen=True)
+class ExecutionCancelRequested:
+    execution_id: ExecutionId
+    reason: str
+    now: float
+
+
+@dataclass(frozen=True)
+class TaskRerunRequested:
+    execution_id: ExecutionId
+    task_name: str
+    now: float
+
+
+@dataclass(frozen=True)
+class BacklogResumed:
+    """Internal: carry on with one thing the pause held back."""
+
+    entry: Mapping[str, Any]
+    now: float
+
+
 Event = (
     ExecutionStarted
+    | ExecutionPauseRequested
+    | ExecutionResumeRequested
+    | ExecutionCancelRequested
+    | TaskRerunRequested
+    | BacklogResumed
     | AssignmentCompleted
     | TaskFinished
     | ExecutionDrained
@@ -283,6 +326,33 @@ class CancelTaskAssignments:
 
 
 @dataclass(frozen=True)
+class PauseAssignments:
+    """The execution paused: its QUEUED assignments wait (PAUSED) instead."""
+
+    execution_id: ExecutionId
+
+
+@dataclass(frozen=True)
+class ResumeAssignments:
+    execution_id: ExecutionId
+
+
+@dataclass(frozen=True)
+class CancelExecutionWork:
+    """The execution was cancelled: every open assignment and timer of it is void."""
+
+    execution_id: ExecutionId
+
+
+@dataclass(frozen=True)
+class PropagateToChildren:
+    """Apply the same lifecycle event to the execution's running subworkflows."""
+
+    execution_id: ExecutionId
+    event: str  # "pause", "resume" or "cancel"
+
+
+@dataclass(frozen=True)
 class StartChildExecution:
     """Start a subworkflow for a workflow task (in the same transaction)."""
 
@@ -296,6 +366,10 @@ class StartChildExecution:
 
 Command = (
     DispatchAssignment
+    | PauseAssignments
+    | ResumeAssignments
+    | CancelExecutionWork
+    | PropagateToChildren
     | CancelQueuedAssignments
     | CancelTaskAssignments
     | StartTimer
@@ -322,6 +396,8 @@ class Snapshot:
     assignment: AssignmentRecord | None = None
     # ItemsSettled: every assignment of the task; otherwise the next HELD one, if any.
     assignments: tuple[AssignmentRecord, ...] = ()
+    # ExecutionCancelRequested: every task not yet finished.
+    unfinished: tuple[TaskRecord, ...] = ()
 
 
 @dataclass(frozen=True)

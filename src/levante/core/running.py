@@ -24,6 +24,7 @@ from levante.core.model import (
     DispatchAssignment,
     ExecutionState,
     Outcome,
+    PauseAssignments,
     StartChildExecution,
     StartTimer,
     TaskFinished,
@@ -150,6 +151,16 @@ def start(step: Step, task: TaskRecord) -> None:
 def _start(step: Step, task: TaskRecord) -> None:
     task_spec = step.spec.task(task.name)
     policies = task_spec.policies
+    if not task.runtime.get("paused_before") and _policy(
+        step, task, policies.pause_before, "pause-before"
+    ):
+        step.put_task(replace(task, state=TaskState.IDLE,
+                              runtime={**task.runtime, "paused_before": True}))  # fmt: skip
+        if step.execution.state != ExecutionState.PAUSED:
+            step.update_execution(state=ExecutionState.PAUSED)
+            step.commands.append(PauseAssignments(step.execution.id))
+        step.add_backlog({"kind": "start", "task_id": task.id})
+        return
     if not task.runtime.get("waited_before"):
         delay = _seconds(step, task, policies.wait_before, "wait-before")
         if delay > 0:
@@ -172,10 +183,11 @@ def _start(step: Step, task: TaskRecord) -> None:
     if task_spec.with_items is not None:
         _start_items(step, task, task_spec)
         return
-    first = make_assignment(step, task, attempt=1, item=None, item_context={})
+    attempt = task.attempt + 1  # 1, or the next one when the task is rerun
+    first = make_assignment(step, task, attempt=attempt, item=None, item_context={})
     if first is None:
         return  # an inline noop: finished through a follow-up
-    step.put_task(replace(step.current(task), state=TaskState.RUNNING, attempt=1,
+    step.put_task(replace(step.current(task), state=TaskState.RUNNING, attempt=attempt,
                           assignment_id=first.id))  # fmt: skip
     release(step, first)
 
@@ -199,6 +211,7 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 0):
         raise TaskStartError(f"Invalid data type in ConcurrencyPolicy: {concurrency!r}")
     limit = count if not concurrency else min(count, concurrency)
+    attempt = task.attempt + 1
     runtime = {**task.runtime, "items": count, "started": limit, "done": 0}
     if count == 0:
         step.put_task(replace(task, runtime=runtime))
@@ -206,13 +219,13 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
         return
     for index in range(count):
         item_context = {name: values[index] for name, values in lists}
-        assignment = make_assignment(step, task, attempt=1, item=index, item_context=item_context)
+        assignment = make_assignment(step, task, attempt, item=index, item_context=item_context)
         assert assignment is not None
         if index < limit:
             release(step, assignment)
         else:
             step.put_assignment(replace(assignment, state=AssignmentState.HELD))
-    step.put_task(replace(step.current(task), attempt=1, runtime=runtime))
+    step.put_task(replace(step.current(task), attempt=attempt, runtime=runtime))
 
 
 def assignment_id(task: TaskRecord, item: int | None, attempt: int) -> AssignmentId:
@@ -273,6 +286,9 @@ def release(step: Step, assignment: AssignmentRecord) -> None:
             workflow=child.action,
             input=child.input, params={"env": dict(step.execution.env)},
         ))  # fmt: skip
+        return
+    if step.execution.state == ExecutionState.PAUSED:
+        step.put_assignment(replace(assignment, state=AssignmentState.PAUSED))
         return
     queued = replace(assignment, state=AssignmentState.QUEUED)
     step.put_assignment(queued)

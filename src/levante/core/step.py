@@ -117,6 +117,9 @@ class Step:
     def update_execution(self, **changes: Any) -> None:
         self.execution = replace(self.execution, updated_at=self.now, **changes)
 
+    def add_backlog(self, entry: Mapping[str, Any]) -> None:
+        self.update_execution(backlog=(*self.execution.backlog, dict(entry)))
+
     @property
     def running(self) -> bool:
         return self.execution.state == ExecutionState.RUNNING

@@ -65,6 +65,30 @@ class StoreTransaction(Protocol):
 
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None: ...
 
+    async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        """Tasks of the execution in neither SUCCESS, ERROR nor CANCELLED."""
+        ...
+
+    async def pause_assignments(self, execution_id: ExecutionId) -> None:
+        """QUEUED assignments of the execution become PAUSED (nobody may take them)."""
+        ...
+
+    async def resume_assignments(self, execution_id: ExecutionId) -> None:
+        """PAUSED assignments of the execution are QUEUED again."""
+        ...
+
+    async def queued_actions(self, execution_id: ExecutionId) -> set[str]:
+        """The actions of the execution's QUEUED assignments (to wake their workers)."""
+        ...
+
+    async def cancel_execution_work(self, execution_id: ExecutionId) -> None:
+        """Every open assignment of the execution is CANCELLED and its timers deleted."""
+        ...
+
+    async def child_execution_ids(self, execution_id: ExecutionId) -> list[ExecutionId]:
+        """Running subworkflows of the execution (its assignments in state CHILD)."""
+        ...
+
     async def cancel_task_assignments(self, task_id: TaskId) -> None:
         """Every not-yet-DONE assignment of the task becomes CANCELLED (a timeout)."""
         ...

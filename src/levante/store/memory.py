@@ -108,6 +108,44 @@ class MemoryTransaction:
     async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
         self.cancelled.append(execution_id)
 
+    async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        return [t for t in self._tasks_of(execution_id) if not t.state.is_final]
+
+    def _assignments_of(self, execution_id: ExecutionId) -> list[AssignmentRecord]:
+        merged = {a.id: a for a in self._t.assignments.values() if a.execution_id == execution_id}
+        merged.update(
+            {a.id: a for a in self.assignments.values() if a.execution_id == execution_id}
+        )
+        return sorted(merged.values(), key=lambda a: a.created_at)
+
+    async def _move(self, execution_id: ExecutionId, old: set[AssignmentState],
+                    new: AssignmentState) -> None:  # fmt: skip
+        for a in self._assignments_of(execution_id):
+            if a.state in old:
+                self.assignments[a.id] = replace(a, state=new, worker_id=None if new ==
+                                                 AssignmentState.CANCELLED else a.worker_id)
+
+    async def pause_assignments(self, execution_id: ExecutionId) -> None:
+        await self._move(execution_id, {AssignmentState.QUEUED}, AssignmentState.PAUSED)
+
+    async def resume_assignments(self, execution_id: ExecutionId) -> None:
+        await self._move(execution_id, {AssignmentState.PAUSED}, AssignmentState.QUEUED)
+
+    async def queued_actions(self, execution_id: ExecutionId) -> set[str]:
+        return {a.action for a in self._assignments_of(execution_id)
+                if a.state == AssignmentState.QUEUED}  # fmt: skip
+
+    async def cancel_execution_work(self, execution_id: ExecutionId) -> None:
+        open_states = set(AssignmentState) - {AssignmentState.DONE, AssignmentState.CANCELLED}
+        await self._move(execution_id, open_states, AssignmentState.CANCELLED)
+        for timer in list(self._t.timers.values()) + list(self.new_timers.values()):
+            if timer.execution_id == execution_id:
+                await self.delete_timers([timer.id])
+
+    async def child_execution_ids(self, execution_id: ExecutionId) -> list[ExecutionId]:
+        return [ExecutionId(a.id) for a in self._assignments_of(execution_id)
+                if a.state == AssignmentState.CHILD]  # fmt: skip
+
     async def cancel_task_assignments(self, task_id: TaskId) -> None:
         for a in await self.task_assignments(task_id):
             if a.state not in (AssignmentState.DONE, AssignmentState.CANCELLED):

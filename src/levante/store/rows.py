@@ -25,7 +25,7 @@ from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 EXECUTION_COLUMNS = (
     "id", "workflow", "definition_id", "state", "state_info", "input", "params", "context",
     "output", "final_context", "active_tasks", "waiting_tasks", "next_seq", "errors",
-    "request_id", "created_at", "updated_at", "parent_task_id", "item",
+    "request_id", "created_at", "updated_at", "parent_task_id", "item", "backlog",
 )  # fmt: skip
 
 TASK_COLUMNS = (
@@ -56,7 +56,7 @@ def execution_row(e: ExecutionRecord) -> tuple[Any, ...]:
         e.id, e.workflow, int(e.definition_id), e.state.value, e.state_info, dump(e.input),
         dump(e.params), dump(e.context), dump(e.output), dump(e.final_context), e.active_tasks,
         e.waiting_tasks, e.next_seq, dump(list(e.errors)), e.request_id, e.created_at,
-        e.updated_at, e.parent_task_id, e.item,
+        e.updated_at, e.parent_task_id, e.item, dump(list(e.backlog)),
     )  # fmt: skip
 
 
@@ -81,6 +81,7 @@ def execution_from_row(r: Sequence[Any]) -> ExecutionRecord:
         updated_at=float(r[16]),
         parent_task_id=None if r[17] is None else TaskId(r[17]),
         item=None if r[18] is None else int(r[18]),
+        backlog=tuple(load(r[19])),
     )
 
 

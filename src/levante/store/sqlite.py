@@ -57,7 +57,8 @@ MIGRATIONS: dict[int, str] = {
         created_at REAL NOT NULL,
         updated_at REAL NOT NULL,
         parent_task_id TEXT,
-        item INTEGER
+        item INTEGER,
+        backlog TEXT NOT NULL
     );
     CREATE INDEX executions_created ON executions(created_at);
     CREATE TABLE tasks (
@@ -230,6 +231,48 @@ class SqliteTransaction:
             "WHERE execution_id=? AND state IN ('QUEUED', 'HELD')",
             (execution_id,),
         )
+
+    async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        found = await self._all(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? "
+            "AND state NOT IN ('SUCCESS', 'ERROR', 'CANCELLED') ORDER BY seq",
+            (execution_id,),
+        )
+        return [rows.task_from_row(r) for r in found]
+
+    async def pause_assignments(self, execution_id: ExecutionId) -> None:
+        await self._db.execute(
+            "UPDATE assignments SET state='PAUSED' WHERE execution_id=? AND state='QUEUED'",
+            (execution_id,),
+        )
+
+    async def resume_assignments(self, execution_id: ExecutionId) -> None:
+        await self._db.execute(
+            "UPDATE assignments SET state='QUEUED' WHERE execution_id=? AND state='PAUSED'",
+            (execution_id,),
+        )
+
+    async def queued_actions(self, execution_id: ExecutionId) -> set[str]:
+        found = await self._all(
+            "SELECT DISTINCT action FROM assignments WHERE execution_id=? AND state='QUEUED'",
+            (execution_id,),
+        )
+        return {r[0] for r in found}
+
+    async def cancel_execution_work(self, execution_id: ExecutionId) -> None:
+        await self._db.execute(
+            "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
+            "WHERE execution_id=? AND state NOT IN ('DONE', 'CANCELLED')",
+            (execution_id,),
+        )
+        await self._db.execute("DELETE FROM timers WHERE execution_id=?", (execution_id,))
+
+    async def child_execution_ids(self, execution_id: ExecutionId) -> list[ExecutionId]:
+        found = await self._all(
+            "SELECT id FROM assignments WHERE execution_id=? AND state='CHILD' ORDER BY rowid",
+            (execution_id,),
+        )
+        return [ExecutionId(r[0]) for r in found]
 
     async def cancel_task_assignments(self, task_id: TaskId) -> None:
         await self._db.execute(
