@@ -28,7 +28,6 @@ from levante.core.model import (
     BacklogResumed,
     CancelExecutionWork,
     CancelQueuedAssignments,
-    CancelTaskAssignments,
     CancelTimer,
     ChildExecutionEnded,
     Decision,
@@ -41,6 +40,7 @@ from levante.core.model import (
     ExecutionResumeRequested,
     ExecutionStarted,
     ExecutionState,
+    FailTaskAssignments,
     ItemsSettled,
     Outcome,
     PauseAssignments,
@@ -460,10 +460,23 @@ class Engine:
     async def _apply(self, tx: StoreTransaction, first: Decision, effects: _Effects) -> None:
         """Write a decision, carry out its commands, decide its follow-ups: all in ``tx``."""
         executions: dict[ExecutionId, ExecutionRecord] = {}
-        pending: deque[Decision] = deque([first])
+        # Follow-ups are decided one at a time, each after the previous decision is
+        # written, so every snapshot sees what came before it in this transaction.
+        pending: deque[Decision | Event] = deque([first])
         steps = 0
         while pending:
-            decision = pending.popleft()
+            item = pending.popleft()
+            if isinstance(item, Decision):
+                decision = item
+            else:
+                steps += 1
+                if steps > MAX_STEPS_PER_TRANSACTION:
+                    raise ConflictError(
+                        f"more than {MAX_STEPS_PER_TRANSACTION} inline steps in one "
+                        "transaction (a cycle of tasks without actions?)"
+                    )
+                index, snapshot = await self._load(tx, executions, item)
+                decision = decide(index.spec, snapshot, item)
             execution = decision.execution
             executions[execution.id] = execution
             await tx.save_tasks(decision.tasks)
@@ -478,8 +491,8 @@ class Engine:
                         effects.actions.add(a.action)
                     case CancelQueuedAssignments(execution_id=execution_id):
                         await tx.cancel_queued_assignments(execution_id)
-                    case CancelTaskAssignments(task_id=task_id):
-                        await tx.cancel_task_assignments(task_id)
+                    case FailTaskAssignments(task_id=task_id, error=error):
+                        await tx.fail_task_assignments(task_id, error)
                     case StartTimer(timer=timer):
                         await tx.save_timers([timer])
                         effects.timer(timer.due_at)
@@ -504,15 +517,7 @@ class Engine:
                             pending.append(started)
                         else:
                             followups.append(started)
-            for followup in followups:
-                steps += 1
-                if steps > MAX_STEPS_PER_TRANSACTION:
-                    raise ConflictError(
-                        f"execution {execution.id}: more than {MAX_STEPS_PER_TRANSACTION} "
-                        "inline steps in one transaction (a cycle of tasks without actions?)"
-                    )
-                index, snapshot = await self._load(tx, executions, followup)
-                pending.append(decide(index.spec, snapshot, followup))
+            pending.extend(followups)
 
     async def _start_child(
         self, tx: StoreTransaction, parent: ExecutionRecord, command: StartChildExecution
@@ -530,8 +535,9 @@ class Engine:
                     break
             else:
                 raise NotFoundError(f"workflow '{command.workflow}' not found")
-            check_params(index.spec, command.params)
-            bound = bind_input(index.spec, dict(command.input))
+            child_input, params = _split_child_input(index.spec, command)
+            check_params(index.spec, params)
+            bound = bind_input(index.spec, child_input)
         except LevanteError as e:
             return ChildExecutionEnded(
                 command.parent_task_id, command.execution_id, command.item,
@@ -539,7 +545,7 @@ class Engine:
             )  # fmt: skip
         event = ExecutionStarted(
             execution_id=command.execution_id, workflow=index.spec.name,
-            definition_id=index.definition_id, input=bound, params=dict(command.params),
+            definition_id=index.definition_id, input=bound, params=params,
             request_id=None, now=self._clock(), parent_task_id=command.parent_task_id,
             item=command.item,
         )  # fmt: skip
@@ -567,3 +573,22 @@ def _lifecycle_event(
             return ExecutionCancelRequested(execution_id, reason, now)
         case _:
             raise AssertionError(f"unknown lifecycle verb {verb}")
+
+
+def _split_child_input(
+    spec: WorkflowSpec, command: StartChildExecution
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Mistral: a workflow task's ``task_name`` and ``env`` are start params, not input.
+
+    The child's env is the parent's, updated by an ``env`` the task passes.
+    """
+    declared = {p.name for p in spec.input}
+    child_input = dict(command.input)
+    params = dict(command.params)
+    for key in ("task_name", "env"):
+        if key in child_input and key not in declared:
+            value = child_input.pop(key)
+            if key == "env" and isinstance(value, Mapping):
+                value = {**dict(params.get("env") or {}), **value}
+            params[key] = value
+    return child_input, params

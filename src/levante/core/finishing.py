@@ -27,9 +27,9 @@ from levante.core.model import (
     AssignmentCompleted,
     AssignmentRecord,
     AssignmentState,
-    CancelTaskAssignments,
     CancelTimer,
     ExecutionState,
+    FailTaskAssignments,
     ItemsSettled,
     Outcome,
     PauseAssignments,
@@ -48,7 +48,13 @@ from levante.core.running import (
     schedule,
     start,
 )
-from levante.core.step import Step, error_message, merge_contexts
+from levante.core.step import (
+    Step,
+    error_message,
+    merge_by_version,
+    merge_contexts,
+    outbound_context,
+)
 from levante.errors import ExpressionError
 from levante.lang.spec import Transition, TransitionClause
 
@@ -170,7 +176,7 @@ def _retry(
     current = step.current(task)
     judged = replace(current, result=outcome.value,
                      state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR)  # fmt: skip
-    data = current.in_context
+    data = _with_own_publish(step, judged, outcome.ok)
     count = int(step.evaluate(retry.count, data, judged) or 0)
     key = "retry_no" if assignment.item is None else f"retry_no:{assignment.item}"
     retry_no = int(current.runtime.get(key, 0))
@@ -200,6 +206,15 @@ def _retry(
     step.put_task(replace(current, runtime=runtime))
     _next_attempt(step, step.current(task), assignment)
     return True
+
+
+def _with_own_publish(step: Step, task: TaskRecord, ok: bool) -> dict[str, Any]:
+    """Mistral evaluates retry's conditions over the task's outbound context."""
+    try:
+        published, _ = _publish(step, task, ok)
+    except ExpressionError:
+        published = {}
+    return {**task.in_context, **published}
 
 
 def _next_attempt(step: Step, task: TaskRecord, previous: AssignmentRecord) -> None:
@@ -243,13 +258,11 @@ def timer_fired(step: Step, event: TimerFired) -> None:
                     finish_task(step, task, outcome, task.runtime.get("state_info", ""))
             case "timeout":
                 seconds = timer.payload.get("seconds")
-                step.commands.append(CancelTaskAssignments(task.id))
-                finish_task(
-                    step, task,
-                    Outcome.failure({"type": "TimeoutError",
-                                     "message": f"Task timed out after {seconds} seconds"}),
-                    f"Task timed out [timeout={seconds}s]",
-                )  # fmt: skip
+                error = {"type": "TimeoutError",
+                         "message": f"Task timed out after {seconds} seconds"}  # fmt: skip
+                step.commands.append(FailTaskAssignments(task.id, error))
+                finish_task(step, task, Outcome.failure(error),
+                            f"Task timed out [timeout={seconds}s]")  # fmt: skip
             case other:
                 raise AssertionError(f"unknown timer kind {other}")
     except (ExpressionError, TaskStartError) as e:
@@ -299,17 +312,20 @@ def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str 
         fail_handling(step, task, e)
         return
     if step.execution.state == ExecutionState.PAUSED:
+        # Mistral: a 'pause' among its commands is a no-op, the execution is paused already.
         step.add_backlog({"kind": "transitions", "task_id": task.id, "skip": 0,
-                          "took_task": False})  # fmt: skip
+                          "took_task": False, "ignore_pause": True})  # fmt: skip
         return
     take_transitions(step, task, skip=0, took_task=False)
 
 
-def take_transitions(step: Step, task: TaskRecord, skip: int, took_task: bool) -> None:
+def take_transitions(
+    step: Step, task: TaskRecord, skip: int, took_task: bool, ignore_pause: bool = False
+) -> None:
     """Take a finished task's transitions from the ``skip``-th on (after a pause)."""
     task = step.current(task)
     ok = task.state == TaskState.SUCCESS
-    outbound = {**task.in_context, **task.published}
+    outbound = outbound_context(task.in_context, task.published)
     try:
         commands = _commands(step, task, ok, outbound)
     except ExpressionError as e:
@@ -324,6 +340,8 @@ def take_transitions(step: Step, task: TaskRecord, skip: int, took_task: bool) -
         if not transition.is_engine_command:
             schedule(step, transition.target, outbound, arrived_from=task.name)
             took_task = True
+        elif transition.target == "pause" and ignore_pause:
+            continue
         elif transition.target == "pause":
             step.update_execution(state=ExecutionState.PAUSED, state_info=_message(params))
             step.commands.append(PauseAssignments(step.execution.id))
@@ -337,8 +355,8 @@ def take_transitions(step: Step, task: TaskRecord, skip: int, took_task: bool) -
     if took_task:
         step.put_task(replace(step.current(task), has_next=True))
     else:
-        step.update_execution(final_context=merge_contexts(step.execution.final_context,
-                                                           outbound))  # fmt: skip
+        step.update_execution(final_context=merge_by_version(step.execution.final_context,
+                                                             outbound))  # fmt: skip
     step.finish_execution_if_done()
 
 
@@ -430,14 +448,16 @@ def fail_stranded_joins(step: Step) -> None:
     if not step.running:
         return
     for task in list(step.latest.values()):
-        if task.state != TaskState.WAITING:
+        if task.state != TaskState.WAITING or not step.running:
             continue
         inbound = step.spec.inbound_task_names(task.name)
         missing = [n for n in inbound if n not in task.arrivals]
-        failed = step.put_task(replace(task, state=TaskState.ERROR,
-                                       state_info=f"Failed by tasks: {missing}"))  # fmt: skip
-        step.record_unhandled_error(failed)
-    step.update_execution(waiting_tasks=0)
+        # The join fails like any task: its own on-error (or task-defaults) may handle it.
+        step.update_execution(waiting_tasks=step.execution.waiting_tasks - 1,
+                              active_tasks=step.execution.active_tasks + 1)  # fmt: skip
+        running = step.put_task(replace(task, state=TaskState.RUNNING))
+        message = f"Failed by tasks: {missing}"
+        finish_task(step, running, Outcome.failure(message), message)
     step.finish_execution_if_done()
 
 

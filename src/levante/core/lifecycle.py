@@ -69,7 +69,8 @@ def backlog_resumed(step: Step, event: BacklogResumed) -> None:
     match event.entry.get("kind"):
         case "transitions":
             take_transitions(step, task, int(event.entry.get("skip", 0)),
-                             bool(event.entry.get("took_task")))  # fmt: skip
+                             bool(event.entry.get("took_task")),
+                             bool(event.entry.get("ignore_pause")))  # fmt: skip
         case "start":
             if task.state == TaskState.IDLE:
                 start(step, step.put_task(replace(task, state=TaskState.RUNNING)))

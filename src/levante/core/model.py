@@ -319,10 +319,11 @@ class CancelTimer:
 
 
 @dataclass(frozen=True)
-class CancelTaskAssignments:
-    """The task ended early (timeout): its open assignments must not count any more."""
+class FailTaskAssignments:
+    """The task timed out: its open assignments end with this error; late outcomes are refused."""
 
     task_id: TaskId
+    error: Any
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ Command = (
     | CancelExecutionWork
     | PropagateToChildren
     | CancelQueuedAssignments
-    | CancelTaskAssignments
+    | FailTaskAssignments
     | StartTimer
     | CancelTimer
     | StartChildExecution

@@ -32,7 +32,7 @@ from levante.core.model import (
     TaskState,
     TimerRecord,
 )
-from levante.core.step import Step, merge_contexts
+from levante.core.step import Step, merge_by_version
 from levante.errors import ExpressionError
 from levante.ids import AssignmentId, ExecutionId, task_id_for
 from levante.lang.spec import ActionSpec, TaskSpec
@@ -88,6 +88,13 @@ def _needed(step: Step, name: str) -> int:
 
 def _arrive(step: Step, name: str, context: Mapping[str, Any], arrived_from: str) -> None:
     latest = step.latest.get(name)
+    if latest is not None and latest.state != TaskState.WAITING and arrived_from not in (
+        latest.arrivals
+    ):
+        # A late inbound of a join that fired already (join: N, one): Mistral keeps one
+        # task execution per join, so the arrival is noted and nothing starts again.
+        step.put_task(replace(latest, arrivals=(*latest.arrivals, arrived_from)))
+        return
     if latest is not None and latest.state == TaskState.WAITING:
         waiting = latest
     else:
@@ -96,7 +103,7 @@ def _arrive(step: Step, name: str, context: Mapping[str, Any], arrived_from: str
     waiting = replace(
         waiting,
         arrivals=(*waiting.arrivals, arrived_from),
-        in_context=merge_contexts(waiting.in_context, context),
+        in_context=merge_by_version(waiting.in_context, context),
     )
     if len(set(waiting.arrivals)) < _needed(step, name):
         step.put_task(waiting)
@@ -112,6 +119,8 @@ def fail_to_start(step: Step, task: TaskRecord, error: Exception) -> None:
     """Mistral: a task that cannot start fails, and so does its execution, at once."""
     message = f"Failed to run task [error={error}, wf={step.spec.name}, task={task.name}]"
     current = step.current(task)
+    if step.spec.task(task.name).with_items is not None:
+        current = replace(current, result=[])  # Mistral: a with-items task's result is a list
     if not current.state.is_final:
         step.update_execution(active_tasks=step.execution.active_tasks - 1)
     step.put_task(replace(current, state=TaskState.ERROR, state_info=message))
@@ -127,17 +136,21 @@ def _policy(step: Step, task: TaskRecord, value: Any, what: str) -> Any:
         raise TaskStartError(f"{what}: {e}") from e
 
 
+_POLICY_NAMES = {"wait-before": "WaitBeforePolicy", "timeout": "TimeoutPolicy",
+                 "wait-after": "WaitAfterPolicy"}  # fmt: skip
+
+
 def _seconds(step: Step, task: TaskRecord, value: Any, what: str) -> float:
     evaluated = _policy(step, task, value, what)
     if evaluated is None or evaluated is False:
         return 0.0
-    try:
-        seconds = float(evaluated)
-    except (TypeError, ValueError) as e:
-        raise TaskStartError(f"{what}: {evaluated!r} is not a number of seconds") from e
-    if seconds < 0:
-        raise TaskStartError(f"{what}: {seconds} is negative")
-    return seconds
+    if isinstance(evaluated, bool) or not isinstance(evaluated, int | float) or evaluated < 0:
+        policy = _POLICY_NAMES.get(what, what)
+        raise TaskStartError(
+            f"Invalid data type in {policy}: {what} must be a number of seconds >= 0, "
+            f"not {evaluated!r}"
+        )
+    return float(evaluated)
 
 
 def start(step: Step, task: TaskRecord) -> None:
@@ -302,7 +315,9 @@ def _action_input(
     if task_spec.input_expression is not None:
         value = step.evaluate(task_spec.input_expression, data, task)
         if not isinstance(value, Mapping):
-            raise TaskStartError(f"input must evaluate to a mapping, got {type(value).__name__}")
+            raise TaskStartError(
+                f"input must evaluate to a mapping, got {type(value).__name__} {value!r}"
+            )
         action_input.update(value)
     action_input.update(step.evaluate(dict(task_spec.input), data, task))
     return action_input

@@ -13,7 +13,6 @@ from typing import Any
 
 from levante.core.model import (
     AssignmentRecord,
-    CancelQueuedAssignments,
     ChildExecutionEnded,
     Command,
     Decision,
@@ -42,6 +41,55 @@ def merge_contexts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[s
     return merged
 
 
+VERSIONS = "__versions"  # per-key publish counters, as Mistral's context versioning keeps
+
+
+def outbound_context(
+    in_context: Mapping[str, Any], published: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A task's inbound context updated with what it published (a shallow update).
+
+    Each published key's version goes up by one, so that a join can tell a value a
+    branch published from an older one it merely inherited.
+    """
+    out = {**in_context, **published}
+    if published:
+        versions = dict(in_context.get(VERSIONS) or {})
+        for key in published:
+            versions[key] = int(versions.get(key, 0)) + 1
+        out[VERSIONS] = versions
+    return out
+
+
+def merge_by_version(base: Mapping[str, Any], incoming: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge two branches' contexts: new keys are added, nested mappings merge, and a
+    value replaces another only if it was published more recently (higher version)."""
+    if not base:
+        return dict(incoming)
+    base_versions = base.get(VERSIONS) or {}
+    incoming_versions = incoming.get(VERSIONS) or {}
+    merged = dict(base)
+    for key, value in incoming.items():
+        if key == VERSIONS:
+            continue
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(merged[key], Mapping) and isinstance(value, Mapping):
+            merged[key] = merge_contexts(merged[key], value)
+        elif incoming_versions.get(key, 0) > base_versions.get(key, 0):
+            merged[key] = value
+    keys = set(base_versions) | set(incoming_versions)
+    if keys:
+        merged[VERSIONS] = {
+            k: max(base_versions.get(k, 0), incoming_versions.get(k, 0)) for k in sorted(keys)
+        }
+    return merged
+
+
+def without_versions(context: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in context.items() if k != VERSIONS}
+
+
 def error_message(error: Any) -> str:
     """A one-line description of an error value as workers report it."""
     if isinstance(error, Mapping):
@@ -62,13 +110,13 @@ def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, A
         "id": task.id,
         "name": task.name,
         "state": task.state.value,
-        "state_info": task.state_info,
+        "state_info": task.state_info or None,
         "result": task.result,
         "published": dict(task.published),
         "workflow_execution_id": task.execution_id,
     }
     if spec is not None and task.name in spec.tasks:
-        view["spec"] = {"name": task.name, "tags": list(spec.task(task.name).tags)}
+        view["spec"] = spec.task(task.name).view
     return view
 
 
@@ -188,15 +236,15 @@ class Step:
         try:
             if state == ExecutionState.SUCCESS:
                 output = (
-                    dict(final)
+                    without_versions(final)
                     if self.spec.output is None
                     else self.evaluate(self.spec.output, final, None)
                 )
                 if not output and self.spec.output is not None:
-                    output = dict(final)  # Mistral: an empty output falls back to the context
+                    output = without_versions(final)  # Mistral: an empty output falls back
             else:
                 on_error = (
-                    dict(final)
+                    without_versions(final)
                     if self.spec.output_on_error is None
                     else self.evaluate(self.spec.output_on_error, final, None)
                 )
@@ -205,8 +253,9 @@ class Step:
             state = ExecutionState.ERROR
             state_info = f"Failed to evaluate the workflow output: {e}"
             output = {"result": state_info}
+        # Mistral: tasks already started (even queued) finish on their own; their
+        # outcomes are recorded but start nothing. Only cancelling voids open work.
         self.update_execution(state=state, state_info=state_info, output=output)
-        self.commands.append(CancelQueuedAssignments(self.execution.id))
         parent = self.execution.parent_task_id
         if parent is not None:
             outcome = Outcome.success(output) if state == ExecutionState.SUCCESS else (
@@ -235,7 +284,7 @@ class _Host:
         return None if task is None else task_view(task, self._step.spec)
 
     def execution(self) -> Mapping[str, Any]:
-        return self._step.execution_view()
+        return {**self._step.execution_view(), "spec": self._step.spec.view}
 
     def env(self) -> Mapping[str, Any]:
         return dict(self._step.execution.env)

@@ -110,6 +110,20 @@ class TaskSpec:
         """A task with neither action nor workflow runs std.noop."""
         return self.action is None and self.workflow is None
 
+    @cached_property
+    def view(self) -> dict[str, Any]:
+        """What ``task(name).spec`` shows an expression (Mistral's task spec fields)."""
+        view: dict[str, Any] = {"name": self.name, "description": self.description,
+                                "tags": list(self.tags)}  # fmt: skip
+        for key, value in (("action", self.action), ("workflow", self.workflow)):
+            if value is not None:
+                view[key] = value
+        if self.input:
+            view["input"] = dict(self.input)
+        if self.publish:
+            view["publish"] = dict(self.publish)
+        return view
+
     def clauses(self) -> tuple[TransitionClause, ...]:
         return tuple(
             c
@@ -151,6 +165,19 @@ class WorkflowSpec:
 
     def task(self, name: str) -> TaskSpec:
         return self.tasks[name]
+
+    @cached_property
+    def view(self) -> dict[str, Any]:
+        """What ``execution().spec`` shows an expression."""
+        return {
+            "name": self.name.rsplit(".", 1)[-1] if self.workbook else self.name,
+            "version": "2.0",
+            "type": self.type,
+            "description": self.description,
+            "tags": list(self.tags),
+            "input": [p.name if not p.has_default else {p.name: p.default} for p in self.input],
+            "tasks": {name: task.view for name, task in self.tasks.items()},
+        }
 
     @cached_property
     def _inbound(self) -> dict[str, tuple[str, ...]]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
@@ -89,8 +89,8 @@ class StoreTransaction(Protocol):
         """Running subworkflows of the execution (its assignments in state CHILD)."""
         ...
 
-    async def cancel_task_assignments(self, task_id: TaskId) -> None:
-        """Every not-yet-DONE assignment of the task becomes CANCELLED (a timeout)."""
+    async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
+        """Every open assignment of the task is DONE with this error (a timeout)."""
         ...
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:

@@ -10,11 +10,13 @@ import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
 from levante.core.model import (
     AssignmentRecord,
     AssignmentState,
     ExecutionRecord,
+    Outcome,
     TaskRecord,
     TimerRecord,
 )
@@ -146,11 +148,12 @@ class MemoryTransaction:
         return [ExecutionId(a.id) for a in self._assignments_of(execution_id)
                 if a.state == AssignmentState.CHILD]  # fmt: skip
 
-    async def cancel_task_assignments(self, task_id: TaskId) -> None:
+    async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
         for a in await self.task_assignments(task_id):
             if a.state not in (AssignmentState.DONE, AssignmentState.CANCELLED):
                 self.assignments[a.id] = replace(
-                    a, state=AssignmentState.CANCELLED, worker_id=None, lease_expires_at=None
+                    a, state=AssignmentState.DONE, worker_id=None, lease_expires_at=None,
+                    outcome=Outcome.failure(error),
                 )
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:

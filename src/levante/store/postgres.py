@@ -66,7 +66,8 @@ MIGRATIONS: dict[int, str] = {
         created_at DOUBLE PRECISION NOT NULL,
         updated_at DOUBLE PRECISION NOT NULL,
         parent_task_id TEXT,
-        item INTEGER
+        item INTEGER,
+        backlog TEXT NOT NULL
     );
     CREATE INDEX executions_created ON executions(created_at);
     CREATE TABLE tasks (
@@ -307,6 +308,63 @@ class PostgresTransaction:
                 "UPDATE assignments SET state='CANCELLED' "
                 "WHERE execution_id=$1 AND state IN ('QUEUED', 'HELD')",
                 execution_id,
+            )
+
+    async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        with _Failing(f"cannot read the unfinished tasks of execution {execution_id}"):
+            found = await self._conn.fetch(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 "
+                "AND state NOT IN ('SUCCESS', 'ERROR', 'CANCELLED') ORDER BY seq",
+                execution_id,
+            )
+        return [rows.task_from_row(r) for r in found]
+
+    async def pause_assignments(self, execution_id: ExecutionId) -> None:
+        with _Failing(f"cannot pause the assignments of execution {execution_id}"):
+            await self._conn.execute(
+                "UPDATE assignments SET state='PAUSED' WHERE execution_id=$1 AND state='QUEUED'",
+                execution_id,
+            )
+
+    async def resume_assignments(self, execution_id: ExecutionId) -> None:
+        with _Failing(f"cannot resume the assignments of execution {execution_id}"):
+            await self._conn.execute(
+                "UPDATE assignments SET state='QUEUED' WHERE execution_id=$1 AND state='PAUSED'",
+                execution_id,
+            )
+
+    async def queued_actions(self, execution_id: ExecutionId) -> set[str]:
+        with _Failing(f"cannot read the queued actions of execution {execution_id}"):
+            found = await self._conn.fetch(
+                "SELECT DISTINCT action FROM assignments WHERE execution_id=$1 AND state='QUEUED'",
+                execution_id,
+            )
+        return {r[0] for r in found}
+
+    async def cancel_execution_work(self, execution_id: ExecutionId) -> None:
+        with _Failing(f"cannot cancel the work of execution {execution_id}"):
+            await self._conn.execute(
+                "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
+                "WHERE execution_id=$1 AND state NOT IN ('DONE', 'CANCELLED')",
+                execution_id,
+            )
+            await self._conn.execute("DELETE FROM timers WHERE execution_id=$1", execution_id)
+
+    async def child_execution_ids(self, execution_id: ExecutionId) -> list[ExecutionId]:
+        # A subworkflow's assignment (state CHILD) carries its execution's id.
+        with _Failing(f"cannot read the subworkflows of execution {execution_id}"):
+            found = await self._conn.fetch(
+                "SELECT id FROM assignments WHERE execution_id=$1 AND state='CHILD' ORDER BY seq",
+                execution_id,
+            )
+        return [ExecutionId(r[0]) for r in found]
+
+    async def cancel_task_assignments(self, task_id: TaskId) -> None:
+        with _Failing(f"cannot cancel the assignments of task {task_id}"):
+            await self._conn.execute(
+                "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
+                "WHERE task_id=$1 AND state NOT IN ('DONE', 'CANCELLED')",
+                task_id,
             )
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:

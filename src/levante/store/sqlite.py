@@ -274,11 +274,11 @@ class SqliteTransaction:
         )
         return [ExecutionId(r[0]) for r in found]
 
-    async def cancel_task_assignments(self, task_id: TaskId) -> None:
+    async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
         await self._db.execute(
-            "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
-            "WHERE task_id=? AND state NOT IN ('DONE', 'CANCELLED')",
-            (task_id,),
+            "UPDATE assignments SET state='DONE', worker_id=NULL, lease_expires_at=NULL, "
+            "outcome_ok=0, outcome=? WHERE task_id=? AND state NOT IN ('DONE', 'CANCELLED')",
+            (rows.dump(error), task_id),
         )
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
