@@ -11,6 +11,7 @@ import pytest
 from levante.core.model import AssignmentRecord, AssignmentState, Outcome
 from levante.dispatch import Dispatcher, WorkerSession
 from levante.engine import Engine
+from levante.errors import ConflictError
 from levante.ids import AssignmentId
 from levante.store import SqliteStore
 
@@ -94,11 +95,17 @@ async def test_lease_runs_out_and_the_assignment_goes_elsewhere(parts) -> None: 
     [held] = await silent.take(1)
     other = Inbox()
     await dispatcher.attach(WorkerSession("other", frozenset({"work.b"}), 1, other.deliver), ())
-    # No heartbeat from 'silent': the 0.3 s lease runs out and 'other' gets the same work.
+    # No heartbeat from 'silent': the 0.3 s lease runs out and 'other' gets a new attempt
+    # of the same task; the silent worker's attempt is superseded and its outcome refused.
     [again] = await other.take(1, timeout=10)
-    assert again.id == held.id
-    record = await store.get_assignment(held.id)
-    assert record is not None and record.worker_id == "other"
+    assert again.task_id == held.task_id and again.attempt == 2 and again.id != held.id
+    superseded = await store.get_assignment(held.id)
+    assert superseded is not None and superseded.state == AssignmentState.CANCELLED
+    with pytest.raises(ConflictError):
+        await engine.complete(held.id, Outcome.success("late"))
+    await engine.complete(again.id, Outcome.success("on time"))
+    _, tasks = await engine.get_status(again.execution_id)
+    assert [t.result for t in tasks if t.name == "b1"] == ["on time"]
 
 
 async def test_heartbeats_keep_the_lease(parts) -> None:  # type: ignore[no-untyped-def]

@@ -71,6 +71,34 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("execution_id")
     status.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    listing = sub.add_parser("list", help="list executions, newest first")
+    listing.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    listing.add_argument("--state", default="", help="only executions in this state")
+    listing.add_argument("--workflow", default="", help="only executions of this workflow")
+    listing.add_argument("--limit", type=int, default=50)
+
+    watch = sub.add_parser("watch", help="a live view of an execution's tasks until it ends")
+    watch.add_argument("execution_id")
+    watch.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+
+    history = sub.add_parser("history", help="every state change of an execution")
+    history.add_argument("execution_id")
+    history.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+
+    for verb, text in (("pause", "pause an execution: running actions finish, nothing new starts"),
+                       ("resume", "resume a paused execution"),
+                       ("cancel", "cancel an execution")):  # fmt: skip
+        lifecycle = sub.add_parser(verb, help=text)
+        lifecycle.add_argument("execution_id")
+        lifecycle.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+        if verb == "cancel":
+            lifecycle.add_argument("--reason", default="")
+
+    rerun = sub.add_parser("rerun", help="run a failed task again and carry the execution on")
+    rerun.add_argument("execution_id")
+    rerun.add_argument("task_name")
+    rerun.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
     return p
 
 
@@ -88,6 +116,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "worker": _worker,
             "run": _run,
             "status": _status,
+            "list": _list,
+            "watch": _watch,
+            "history": _history,
+            "pause": _lifecycle,
+            "resume": _lifecycle,
+            "cancel": _lifecycle,
+            "rerun": _lifecycle,
         }[args.command]
         return asyncio.run(command(args))
     except LevanteError as e:
@@ -228,10 +263,77 @@ async def _status(args: argparse.Namespace) -> int:
     print()
     rows = [("TASK", "STATE", "ACTION", "ATTEMPT", "ID")]
     rows += [(t.name, t.state, t.action, str(t.attempt), t.id) for t in info.tasks]
+    _print_table(rows)
+    return 0
+
+
+async def _list(args: argparse.Namespace) -> int:
+    async with Client(args.engine) as client:
+        found, _ = await client.list_executions(
+            state=args.state, workflow=args.workflow, page_size=args.limit
+        )
+    rows = [("EXECUTION", "WORKFLOW", "STATE", "CREATED")]
+    rows += [(e.id, e.workflow, e.state, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                       time.localtime(e.created_at)))
+             for e in found]  # fmt: skip
+    _print_table(rows)
+    return 0
+
+
+async def _lifecycle(args: argparse.Namespace) -> int:
+    async with Client(args.engine) as client:
+        if args.command == "pause":
+            info = await client.pause(args.execution_id)
+        elif args.command == "resume":
+            info = await client.resume(args.execution_id)
+        elif args.command == "cancel":
+            info = await client.cancel(args.execution_id, args.reason)
+        else:
+            info = await client.rerun(args.execution_id, args.task_name)
+    print(f"execution {info.id} {info.state}")
+    return 0
+
+
+async def _history(args: argparse.Namespace) -> int:
+    async with Client(args.engine) as client:
+        events = await client.history(args.execution_id)
+    rows = [("SEQ", "AT", "WHAT", "STATE", "CAUSE", "INFO")]
+    for e in events:
+        at = time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at % 1 * 1000):03d}"
+        info = e.state_info.splitlines()[0][:60] if e.state_info else ""
+        rows.append((str(e.seq), at, e.task_name or "(execution)", e.state, e.cause, info))
+    _print_table(rows)
+    return 0
+
+
+async def _watch(args: argparse.Namespace) -> int:
+    """Redraw the task table on every change, until the execution ends."""
+    tasks: dict[str, tuple[str, str, str]] = {}
+    state = "?"
+    interactive = sys.stdout.isatty()
+    async with Client(args.engine) as client:
+        async for event in client.watch(args.execution_id):
+            if event.kind == "execution":
+                state = event.state
+            else:
+                tasks[event.task_id] = (event.task_name, event.state, event.state_info)
+            if interactive:
+                print("\x1b[2J\x1b[H", end="")
+                print(f"execution {args.execution_id}  {state}\n")
+                rows = [("TASK", "STATE", "INFO")]
+                rows += [(n, s, i.splitlines()[0][:60] if i else "") for n, s, i in tasks.values()]
+                _print_table(rows)
+            else:
+                what = event.task_name or "(execution)"
+                print(f"{what:<24} {event.state:<16} {event.cause}", flush=True)
+    print(f"execution {args.execution_id} {state}")
+    return 0 if state == "SUCCESS" else 1
+
+
+def _print_table(rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
-    return 0
 
 
 def _info_dict(info: ExecutionInfo) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +80,39 @@ class ExecutionInfo:
 
     def tasks_named(self, name: str) -> list[TaskInfo]:
         return [t for t in self.tasks if t.name == name]
+
+
+@dataclass(frozen=True)
+class ExecutionSummary:
+    id: str
+    workflow: str
+    state: str
+    state_info: str
+    created_at: float
+    parent_task_id: str
+
+
+@dataclass(frozen=True)
+class ExecutionEvent:
+    """One state change (or, with cause "current", how things stood when a watch began)."""
+
+    seq: int
+    at: float
+    kind: str
+    execution_id: str
+    task_id: str
+    task_name: str
+    state: str
+    state_info: str
+    cause: str
+
+
+def _event(e: pb.ExecutionEvent) -> ExecutionEvent:
+    return ExecutionEvent(
+        seq=e.seq, at=e.at.ToNanoseconds() / 1e9, kind=e.kind, execution_id=e.execution_id,
+        task_id=e.task_id, task_name=e.task_name, state=e.state, state_info=e.state_info,
+        cause=e.cause,
+    )  # fmt: skip
 
 
 def execution_info(status: pb.ExecutionStatus) -> ExecutionInfo:
@@ -171,6 +204,55 @@ class Client:
             self._engine.GetStatus, pb.GetStatusRequest(execution_id=execution_id)
         )
         return execution_info(status)
+
+    async def pause(self, execution_id: str) -> ExecutionInfo:
+        request = pb.PauseExecutionRequest(execution_id=execution_id)
+        return execution_info(await self._call(self._engine.PauseExecution, request))
+
+    async def resume(self, execution_id: str) -> ExecutionInfo:
+        request = pb.ResumeExecutionRequest(execution_id=execution_id)
+        return execution_info(await self._call(self._engine.ResumeExecution, request))
+
+    async def cancel(self, execution_id: str, reason: str = "") -> ExecutionInfo:
+        request = pb.CancelExecutionRequest(execution_id=execution_id, reason=reason)
+        return execution_info(await self._call(self._engine.CancelExecution, request))
+
+    async def rerun(self, execution_id: str, task_name: str) -> ExecutionInfo:
+        request = pb.RerunTaskRequest(execution_id=execution_id, task_name=task_name)
+        return execution_info(await self._call(self._engine.RerunTask, request))
+
+    async def list_executions(
+        self, *, state: str = "", workflow: str = "", page_size: int = 50, page_token: str = ""
+    ) -> tuple[list[ExecutionSummary], str]:
+        """One page of executions, newest first, and the token of the next page ("" at the end)."""
+        response = await self._call(
+            self._engine.ListExecutions,
+            pb.ListExecutionsRequest(state=state, workflow=workflow, page_size=page_size,
+                                     page_token=page_token),
+        )  # fmt: skip
+        found = [
+            ExecutionSummary(e.execution_id, e.workflow, e.state, e.state_info,
+                             e.created_at.ToNanoseconds() / 1e9, e.parent_task_id)
+            for e in response.executions
+        ]  # fmt: skip
+        return found, str(response.next_page_token)
+
+    async def history(self, execution_id: str) -> list[ExecutionEvent]:
+        response = await self._call(
+            self._engine.GetHistory, pb.GetHistoryRequest(execution_id=execution_id)
+        )
+        return [_event(e) for e in response.events]
+
+    async def watch(self, execution_id: str) -> AsyncIterator[ExecutionEvent]:
+        """The current state, then each change as it happens, until the execution ends."""
+        call = self._engine.WatchExecution(pb.WatchExecutionRequest(execution_id=execution_id))
+        try:
+            async for event in call:
+                yield _event(event)
+        except grpc.aio.AioRpcError as e:
+            raise _translate(e) from None
+        finally:
+            call.cancel()
 
     async def wait(
         self, execution_id: str, timeout: float = 60.0, interval: float = 0.05

@@ -41,6 +41,8 @@ class WorkerSession:
     capacity: int
     deliver: Callable[[AssignmentRecord], Awaitable[None]]
     targets: frozenset[str] = frozenset()
+    # Tell the worker an assignment it holds no longer counts (assignment id, reason).
+    revoke: Callable[[AssignmentId, str], None] | None = None
     in_flight: set[AssignmentId] = field(default_factory=set)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -61,7 +63,7 @@ class Dispatcher:
         self._sessions: dict[str, WorkerSession] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._lease_timer: asyncio.Task[None] | None = None
-        self._requeued = 0
+        self._expired = 0
 
     # -- life cycle
 
@@ -135,6 +137,16 @@ class Dispatcher:
             if not session.actions.isdisjoint(actions):
                 session.wake.set()
 
+    def voided(self, prefixes: Collection[str], reason: str) -> None:
+        """Assignments under these id prefixes (an execution, a task) no longer count."""
+        for session in self._sessions.values():
+            for assignment_id in list(session.in_flight):
+                if any(assignment_id == p or assignment_id.startswith((f"{p}.", f"{p}/", f"{p}#"))
+                       for p in prefixes):  # fmt: skip
+                    if session.revoke is not None:
+                        session.revoke(assignment_id, reason)
+                    self._settled(session, assignment_id)
+
     def notify_all(self) -> None:
         for session in self._sessions.values():
             session.wake.set()
@@ -205,11 +217,11 @@ class Dispatcher:
                 now = self._clock()
                 delay = self.lease_seconds if due is None else max(0.0, due - now)
                 await asyncio.sleep(min(delay, self.lease_seconds))
-                requeued = await self._store.requeue_expired(self._clock())
-                if requeued:
-                    self._requeued += requeued
-                    log.warning("%d assignments' leases ran out; requeued", requeued)
-                    self.notify_all()
+                for assignment in await self._store.expired_leases(self._clock(), 100):
+                    log.warning("assignment %s: the lease of worker %s ran out; trying again",
+                                assignment.id, assignment.worker_id)  # fmt: skip
+                    await self._engine.expire_lease(assignment.id)
+                    self._expired += 1
             except asyncio.CancelledError:
                 raise
             except Exception:

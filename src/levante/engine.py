@@ -41,7 +41,9 @@ from levante.core.model import (
     ExecutionStarted,
     ExecutionState,
     FailTaskAssignments,
+    HistoryEntry,
     ItemsSettled,
+    LeaseExpired,
     Outcome,
     PauseAssignments,
     PropagateToChildren,
@@ -55,6 +57,7 @@ from levante.core.model import (
     TaskState,
     TimerFired,
     TimerRecord,
+    VoidAssignment,
 )
 from levante.errors import (
     AlreadyCompletedError,
@@ -125,6 +128,8 @@ class _Effects:
     actions: set[str] = field(default_factory=set)
     earliest_timer: float | None = None
     ended: set[ExecutionId] = field(default_factory=set)
+    changed: set[ExecutionId] = field(default_factory=set)
+    voided: dict[str, str] = field(default_factory=dict)  # assignment id prefix -> reason
 
     def timer(self, due: float) -> None:
         self.earliest_timer = due if self.earliest_timer is None else min(self.earliest_timer, due)
@@ -137,6 +142,8 @@ class EngineListeners:
     on_dispatch: Callable[[Collection[str]], None] | None = None
     on_timer: Callable[[float], None] | None = None
     on_ended: Callable[[Collection[ExecutionId]], None] | None = None
+    on_changed: Callable[[Collection[ExecutionId]], None] | None = None
+    on_voided: Callable[[Collection[str], str], None] | None = None
 
 
 class Engine:
@@ -353,6 +360,29 @@ class Engine:
             unfinished = tuple(await tx.unfinished_tasks(execution.id))
         return index, Snapshot(execution, unfinished=unfinished)
 
+    async def expire_lease(self, assignment_id: AssignmentId) -> None:
+        """A lease ran out: supersede the attempt with a new one, in one transaction."""
+        found = await self.store.get_assignment(assignment_id)
+        if found is None:
+            return
+        effects = _Effects()
+        async with self.store.transaction() as tx:
+            execution = await tx.lock_execution(found.execution_id)
+            assignment = await tx.get_assignment(assignment_id)
+            now = self._clock()
+            if (
+                execution is None or assignment is None
+                or assignment.state != AssignmentState.LEASED
+                or assignment.lease_expires_at is None or assignment.lease_expires_at > now
+            ):  # fmt: skip
+                return  # a heartbeat, a result or another replica came first
+            index, snapshot = await self._snapshot_for_task(
+                tx, {execution.id: execution}, assignment.task_id, assignment
+            )
+            decision = decide(index.spec, snapshot, LeaseExpired(assignment.id, now))
+            await self._apply(tx, decision, effects)
+        self._notify(effects)
+
     # -- timers
 
     async def fire_timer(self, timer: TimerRecord) -> bool:
@@ -384,6 +414,19 @@ class Engine:
         if execution is None:
             raise NotFoundError(f"execution '{execution_id}' not found")
         return execution, await self.store.list_tasks(execution_id)
+
+    async def list_executions(
+        self, *, state: str | None = None, workflow: str | None = None, limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[ExecutionRecord]:  # fmt: skip
+        return await self.store.list_executions(
+            state=state, workflow=workflow, limit=limit, before=before
+        )
+
+    async def history(self, execution_id: ExecutionId, after_seq: int = 0) -> list[HistoryEntry]:
+        if after_seq == 0 and await self.store.get_execution(execution_id) is None:
+            raise NotFoundError(f"execution '{execution_id}' not found")
+        return await self.store.history(execution_id, after_seq)
 
     # -- loading what an event touches
 
@@ -482,6 +525,9 @@ class Engine:
             await tx.save_tasks(decision.tasks)
             await tx.save_assignments(decision.assignments)
             await tx.update_execution(execution)
+            await tx.append_history(decision.history)
+            if decision.history:
+                effects.changed.add(execution.id)
             if execution.state.is_final:
                 effects.ended.add(execution.id)
             followups: list[Event] = list(decision.followups)
@@ -489,10 +535,13 @@ class Engine:
                 match command:
                     case DispatchAssignment(assignment=a):
                         effects.actions.add(a.action)
+                    case VoidAssignment(assignment_id=void_id, reason=reason):
+                        effects.voided[void_id] = reason
                     case CancelQueuedAssignments(execution_id=execution_id):
                         await tx.cancel_queued_assignments(execution_id)
                     case FailTaskAssignments(task_id=task_id, error=error):
                         await tx.fail_task_assignments(task_id, error)
+                        effects.voided[task_id] = "the task timed out"
                     case StartTimer(timer=timer):
                         await tx.save_timers([timer])
                         effects.timer(timer.due_at)
@@ -505,6 +554,7 @@ class Engine:
                         effects.actions |= await tx.queued_actions(execution_id)
                     case CancelExecutionWork(execution_id=execution_id):
                         await tx.cancel_execution_work(execution_id)
+                        effects.voided[execution_id] = "the execution was cancelled"
                     case PropagateToChildren(execution_id=execution_id, event=verb):
                         for child in await tx.child_execution_ids(execution_id):
                             followups.append(_lifecycle_event(
@@ -559,6 +609,11 @@ class Engine:
             listeners.on_timer(effects.earliest_timer)
         if effects.ended and listeners.on_ended is not None:
             listeners.on_ended(effects.ended)
+        if effects.changed and listeners.on_changed is not None:
+            listeners.on_changed(effects.changed)
+        if effects.voided and listeners.on_voided is not None:
+            for prefix, reason in effects.voided.items():
+                listeners.on_voided([prefix], reason)
 
 
 def _lifecycle_event(

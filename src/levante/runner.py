@@ -100,6 +100,7 @@ class LocalEngine:
         self.timekeeper = Timekeeper(self.store, self.engine)
         self.engine.listeners.on_timer = self.timekeeper.scheduled
         self.engine.listeners.on_ended = self._ended
+        self.engine.listeners.on_voided = self.dispatcher.voided
         self.registry = std_actions()
         if isinstance(actions, ActionRegistry):
             self.registry = self.registry.include(actions)

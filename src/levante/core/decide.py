@@ -34,6 +34,7 @@ from levante.core.finishing import (
     fail_stranded_joins,
     finish_task,
     items_settled,
+    lease_expired,
     timer_fired,
 )
 from levante.core.model import (
@@ -50,6 +51,7 @@ from levante.core.model import (
     ExecutionStarted,
     ExecutionState,
     ItemsSettled,
+    LeaseExpired,
     Snapshot,
     TaskFinished,
     TaskRerunRequested,
@@ -105,7 +107,7 @@ def decide(spec: WorkflowSpec, snapshot: Snapshot | None, event: Event) -> Decis
     if isinstance(event, ExecutionStarted):
         return _start(spec, event)
     assert snapshot is not None
-    step = Step(spec, snapshot, event.now)
+    step = Step(spec, snapshot, event.now, type(event).__name__)
     match event:
         case ExecutionPauseRequested():
             lifecycle.pause(step)
@@ -117,6 +119,8 @@ def decide(spec: WorkflowSpec, snapshot: Snapshot | None, event: Event) -> Decis
             lifecycle.rerun(step, event.task_name)
         case BacklogResumed():
             lifecycle.backlog_resumed(step, event)
+        case LeaseExpired():
+            lease_expired(step, event)
         case AssignmentCompleted():
             complete_assignment(step, event)
         case ChildExecutionEnded():
@@ -154,7 +158,8 @@ def _start(spec: WorkflowSpec, event: ExecutionStarted) -> Decision:
         parent_task_id=event.parent_task_id,
         item=event.item,
     )
-    step = Step(spec, Snapshot(execution=execution), event.now)
+    step = Step(spec, Snapshot(execution=execution), event.now, "ExecutionStarted",
+                new_execution=True)  # fmt: skip
     try:
         variables = step.evaluate(dict(spec.vars), {}, None)
     except ExpressionError as e:

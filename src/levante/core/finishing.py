@@ -31,6 +31,7 @@ from levante.core.model import (
     ExecutionState,
     FailTaskAssignments,
     ItemsSettled,
+    LeaseExpired,
     Outcome,
     PauseAssignments,
     StartTimer,
@@ -38,6 +39,7 @@ from levante.core.model import (
     TaskState,
     TimerFired,
     TimerRecord,
+    VoidAssignment,
 )
 from levante.core.running import (
     TaskStartError,
@@ -227,6 +229,20 @@ def _next_attempt(step: Step, task: TaskRecord, previous: AssignmentRecord) -> N
         step.put_task(replace(task, state=TaskState.RUNNING, attempt=attempt,
                               assignment_id=again.id))  # fmt: skip
     release(step, again)
+
+
+def lease_expired(step: Step, event: LeaseExpired) -> None:
+    """The holder went silent: the attempt is superseded by a new one (not a retry)."""
+    assignment = step.snapshot.assignment
+    task = step.snapshot.task
+    if assignment is None or task is None or assignment.state != AssignmentState.LEASED:
+        return
+    step.put_assignment(replace(assignment, state=AssignmentState.CANCELLED, worker_id=None,
+                                lease_expires_at=None))  # fmt: skip
+    step.commands.append(VoidAssignment(assignment.id, "its lease ran out"))
+    if task.state.is_final or (assignment.item is None and task.assignment_id != assignment.id):
+        return
+    _next_attempt(step, task, assignment)
 
 
 # ---------------------------------------------------------------- timers

@@ -268,6 +268,14 @@ class TaskRerunRequested:
 
 
 @dataclass(frozen=True)
+class LeaseExpired:
+    """The worker holding an assignment went silent past its lease: try again elsewhere."""
+
+    assignment_id: AssignmentId
+    now: float
+
+
+@dataclass(frozen=True)
 class BacklogResumed:
     """Internal: carry on with one thing the pause held back."""
 
@@ -281,6 +289,7 @@ Event = (
     | ExecutionResumeRequested
     | ExecutionCancelRequested
     | TaskRerunRequested
+    | LeaseExpired
     | BacklogResumed
     | AssignmentCompleted
     | TaskFinished
@@ -327,6 +336,14 @@ class FailTaskAssignments:
 
 
 @dataclass(frozen=True)
+class VoidAssignment:
+    """Tell the worker holding this assignment that it no longer counts."""
+
+    assignment_id: AssignmentId
+    reason: str
+
+
+@dataclass(frozen=True)
 class PauseAssignments:
     """The execution paused: its QUEUED assignments wait (PAUSED) instead."""
 
@@ -367,6 +384,7 @@ class StartChildExecution:
 
 Command = (
     DispatchAssignment
+    | VoidAssignment
     | PauseAssignments
     | ResumeAssignments
     | CancelExecutionWork
@@ -377,6 +395,21 @@ Command = (
     | CancelTimer
     | StartChildExecution
 )
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One state change, for the append-only history of an execution."""
+
+    execution_id: ExecutionId
+    kind: str  # "execution" or "task"
+    state: str
+    state_info: str
+    cause: str  # the event that made it change
+    at: float
+    task_id: TaskId | None = None
+    task_name: str | None = None
+    seq: int = 0  # given by the store: order within the execution's history
 
 
 # ---------------------------------------------------------------- decisions
@@ -413,3 +446,4 @@ class Decision:
     assignments: tuple[AssignmentRecord, ...] = ()  # inserted or updated rows
     commands: tuple[Command, ...] = ()
     followups: tuple[Event, ...] = ()
+    history: tuple[HistoryEntry, ...] = ()

@@ -19,6 +19,7 @@ from levante.core.model import (
     Event,
     ExecutionDrained,
     ExecutionState,
+    HistoryEntry,
     Outcome,
     Snapshot,
     TaskRecord,
@@ -123,11 +124,20 @@ def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, A
 class Step:
     """Mutable scratch space for one decision; the result is frozen in decision()."""
 
-    def __init__(self, spec: WorkflowSpec, snapshot: Snapshot, now: float) -> None:
+    def __init__(
+        self, spec: WorkflowSpec, snapshot: Snapshot, now: float, cause: str = "", *,
+        new_execution: bool = False,
+    ) -> None:  # fmt: skip
         self.spec = spec
         self.execution = snapshot.execution
         self.now = now
+        self.cause = cause
         self.snapshot = snapshot
+        loaded = [*snapshot.tasks.values(), *snapshot.unfinished]
+        if snapshot.task is not None:
+            loaded.append(snapshot.task)
+        self._states_before: dict[str, str] = {t.id: t.state.value for t in loaded}
+        self._execution_state_before = None if new_execution else snapshot.execution.state
         self.latest: dict[str, TaskRecord] = dict(snapshot.tasks)
         if snapshot.task is not None:
             self.latest.setdefault(snapshot.task.name, snapshot.task)
@@ -145,7 +155,21 @@ class Step:
             assignments=tuple(self.changed_assignments.values()),
             commands=tuple(self.commands),
             followups=tuple(self.followups),
+            history=self._history(),
         )
+
+    def _history(self) -> tuple[HistoryEntry, ...]:
+        """The state changes this decision makes, execution first, tasks in seq order."""
+        ex = self.execution
+        entries: list[HistoryEntry] = []
+        if ex.state != self._execution_state_before:
+            entries.append(HistoryEntry(ex.id, "execution", ex.state.value, ex.state_info,
+                                        self.cause, self.now))  # fmt: skip
+        for task in sorted(self.changed_tasks.values(), key=lambda t: t.seq):
+            if self._states_before.get(task.id) != task.state.value:
+                entries.append(HistoryEntry(ex.id, "task", task.state.value, task.state_info,
+                                            self.cause, self.now, task.id, task.name))
+        return tuple(entries)
 
     def put_task(self, task: TaskRecord) -> TaskRecord:
         task = replace(task, updated_at=self.now)

@@ -7,7 +7,13 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from levante.core.model import AssignmentRecord, ExecutionRecord, Outcome, TaskRecord
+from levante.core.model import (
+    AssignmentRecord,
+    ExecutionRecord,
+    HistoryEntry,
+    Outcome,
+    TaskRecord,
+)
 from levante.errors import InvalidArgumentError
 from levante.v1 import levante_pb2 as pb
 
@@ -102,3 +108,47 @@ def task_assignment(a: AssignmentRecord) -> pb.TaskAssignment:
         attempt=a.attempt,
         lease_expires_at=timestamp(a.lease_expires_at or 0.0),
     )
+
+
+def execution_summary(execution: ExecutionRecord) -> pb.ExecutionSummary:
+    return pb.ExecutionSummary(
+        execution_id=execution.id,
+        workflow=execution.workflow,
+        state=execution.state.value,
+        state_info=execution.state_info,
+        created_at=timestamp(execution.created_at),
+        updated_at=timestamp(execution.updated_at),
+        parent_task_id=execution.parent_task_id or "",
+    )
+
+
+def history_event(entry: HistoryEntry) -> pb.ExecutionEvent:
+    return pb.ExecutionEvent(
+        seq=entry.seq,
+        at=timestamp(entry.at),
+        kind=entry.kind,
+        execution_id=entry.execution_id,
+        task_id=entry.task_id or "",
+        task_name=entry.task_name or "",
+        state=entry.state,
+        state_info=entry.state_info,
+        cause=entry.cause,
+    )
+
+
+def current_events(execution: ExecutionRecord, tasks: list[TaskRecord]) -> list[pb.ExecutionEvent]:
+    """How an execution stands now, as events with cause "current" (seq 0)."""
+    events = [
+        pb.ExecutionEvent(
+            at=timestamp(execution.updated_at), kind="execution", execution_id=execution.id,
+            state=execution.state.value, state_info=execution.state_info, cause="current",
+        )
+    ]  # fmt: skip
+    events += [
+        pb.ExecutionEvent(
+            at=timestamp(t.updated_at), kind="task", execution_id=execution.id, task_id=t.id,
+            task_name=t.name, state=t.state.value, state_info=t.state_info, cause="current",
+        )
+        for t in tasks
+    ]  # fmt: skip
+    return events

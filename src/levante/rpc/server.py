@@ -18,7 +18,7 @@ import grpc
 
 from levante.dispatch import DEFAULT_LEASE_SECONDS, Dispatcher
 from levante.engine import Engine
-from levante.rpc.engine_service import EngineService
+from levante.rpc.engine_service import ChangeFeed, EngineService
 from levante.rpc.workers_service import WorkersService
 from levante.store import store_for
 from levante.store.base import Store
@@ -49,6 +49,7 @@ class LevanteServer:
         self.engine.set_dispatch_listener(self.dispatcher.notify)
         self.timekeeper = Timekeeper(self.store, self.engine)
         self.engine.listeners.on_timer = self.timekeeper.scheduled
+        self.engine.listeners.on_voided = self.dispatcher.voided
         self._server: grpc.aio.Server | None = None
         self.port = 0
 
@@ -60,7 +61,9 @@ class LevanteServer:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ]
         )
-        pb_grpc.add_EngineServicer_to_server(EngineService(self.engine), server)
+        changes = ChangeFeed()
+        self.engine.listeners.on_changed = changes.publish
+        pb_grpc.add_EngineServicer_to_server(EngineService(self.engine, changes), server)
         pb_grpc.add_WorkersServicer_to_server(WorkersService(self.dispatcher), server)
         self.port = server.add_insecure_port(self.config.listen)
         if self.port == 0:

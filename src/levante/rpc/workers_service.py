@@ -56,6 +56,8 @@ class WorkersService(pb_grpc.WorkersServicer):
             capacity=hello.capacity,
             deliver=deliver,
             targets=frozenset(hello.targets),
+            revoke=lambda task_id, reason: outbox.put_nowait(pb.EngineMessage(
+                cancel=pb.AssignmentCancelled(task_id=task_id, reason=reason))),
         )
         try:
             await self._dispatcher.attach(session, [AssignmentId(i) for i in hello.holding])

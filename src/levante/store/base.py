@@ -20,7 +20,13 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
+from levante.core.model import (
+    AssignmentRecord,
+    ExecutionRecord,
+    HistoryEntry,
+    TaskRecord,
+    TimerRecord,
+)
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
 SCHEMA_VERSION = 2
@@ -93,6 +99,10 @@ class StoreTransaction(Protocol):
         """Every open assignment of the task is DONE with this error (a timeout)."""
         ...
 
+    async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
+        """Append state changes to their executions' histories, in order."""
+        ...
+
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         """Insert timers; a timer whose id exists already is left as it is."""
         ...
@@ -140,6 +150,23 @@ class Store(Protocol):
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None: ...
 
+    async def list_executions(
+        self,
+        *,
+        state: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[ExecutionRecord]:
+        """Executions newest first (by created_at, then id), strictly older than ``before``."""
+        ...
+
+    async def history(
+        self, execution_id: ExecutionId, after_seq: int = 0, limit: int = 10_000
+    ) -> list[HistoryEntry]:
+        """The execution's state changes with seq > ``after_seq``, in order."""
+        ...
+
     # -- the queue
 
     async def claim_assignments(
@@ -170,8 +197,8 @@ class Store(Protocol):
         """Mark a LEASED assignment DEFERRED (its outcome will come through TaskComplete)."""
         ...
 
-    async def requeue_expired(self, now: float) -> int:
-        """Put LEASED assignments whose lease ran out back in the queue."""
+    async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
+        """LEASED assignments whose lease ran out by ``now``, earliest first (read only)."""
         ...
 
     async def next_lease_expiry(self) -> float | None: ...

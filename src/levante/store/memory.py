@@ -16,6 +16,7 @@ from levante.core.model import (
     AssignmentRecord,
     AssignmentState,
     ExecutionRecord,
+    HistoryEntry,
     Outcome,
     TaskRecord,
     TimerRecord,
@@ -32,6 +33,7 @@ class _Tables:
         self.task_ids_by_execution: dict[ExecutionId, list[TaskId]] = {}
         self.request_ids: dict[str, ExecutionId] = {}
         self.timers: dict[str, TimerRecord] = {}
+        self.history: list[HistoryEntry] = []
 
 
 class MemoryTransaction:
@@ -42,6 +44,7 @@ class MemoryTransaction:
         self.assignments: dict[AssignmentId, AssignmentRecord] = {}
         self.cancelled: list[ExecutionId] = []
         self.new_timers: dict[str, TimerRecord] = {}
+        self.new_history: list[HistoryEntry] = []
         self.gone_timers: set[str] = set()
 
     def _execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
@@ -156,6 +159,9 @@ class MemoryTransaction:
                     outcome=Outcome.failure(error),
                 )
 
+    async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
+        self.new_history.extend(entries)
+
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         for timer in timers:
             exists = timer.id in self.new_timers or (
@@ -179,6 +185,8 @@ class MemoryTransaction:
 
     def commit(self) -> None:
         t = self._t
+        for entry in self.new_history:
+            t.history.append(replace(entry, seq=len(t.history) + 1))
         for timer_id in self.gone_timers:
             t.timers.pop(timer_id, None)
         t.timers.update(self.new_timers)
@@ -247,6 +255,28 @@ class MemoryStore:
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         return self._t.assignments.get(assignment_id)
 
+    async def list_executions(
+        self,
+        *,
+        state: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[ExecutionRecord]:
+        found = [
+            e for e in self._t.executions.values()
+            if (not state or e.state.value == state) and (not workflow or e.workflow == workflow)
+            and (before is None or (e.created_at, e.id) < before)
+        ]  # fmt: skip
+        found.sort(key=lambda e: (e.created_at, e.id), reverse=True)
+        return found[:limit]
+
+    async def history(
+        self, execution_id: ExecutionId, after_seq: int = 0, limit: int = 10_000
+    ) -> list[HistoryEntry]:
+        found = [h for h in self._t.history if h.execution_id == execution_id and h.seq > after_seq]
+        return found[:limit]
+
     async def claim_assignments(
         self,
         worker_id: str,
@@ -305,20 +335,14 @@ class MemoryStore:
             )
             return True
 
-    async def requeue_expired(self, now: float) -> int:
-        requeued = 0
-        async with self._lock:
-            for a in list(self._t.assignments.values()):
-                if (
-                    a.state == AssignmentState.LEASED
-                    and a.lease_expires_at is not None
-                    and a.lease_expires_at <= now
-                ):
-                    self._t.assignments[a.id] = replace(
-                        a, state=AssignmentState.QUEUED, worker_id=None, lease_expires_at=None
-                    )
-                    requeued += 1
-        return requeued
+    async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
+        expired = [
+            a for a in self._t.assignments.values()
+            if a.state == AssignmentState.LEASED and a.lease_expires_at is not None
+            and a.lease_expires_at <= now
+        ]  # fmt: skip
+        expired.sort(key=lambda a: a.lease_expires_at or 0.0)
+        return expired[:limit]
 
     async def next_lease_expiry(self) -> float | None:
         leases = [

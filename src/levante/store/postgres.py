@@ -222,7 +222,7 @@ class PostgresTransaction:
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         with _Failing(f"cannot lock execution {execution_id}"):
             row = await self._conn.fetchrow(
-                f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1", execution_id
+                f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1 FOR UPDATE", execution_id
             )
         return None if row is None else rows.execution_from_row(row)
 
@@ -383,7 +383,7 @@ class PostgresTransaction:
         with _Failing(f"cannot take timer {timer_id}"):
             row = await self._conn.fetchrow(
                 "DELETE FROM timers WHERE id = "
-                "(SELECT id FROM timers WHERE id=$1 FOR UPDATE SKIP LOCKED) "
+                "(SELECT id FROM timers WHERE id=$1 FOR UPDATE) "
                 f"RETURNING {_TIMER_COLS}",
                 timer_id,
             )

@@ -15,6 +15,7 @@ from levante.core.model import (
     AssignmentState,
     ExecutionRecord,
     ExecutionState,
+    HistoryEntry,
     Outcome,
     TaskRecord,
     TaskState,
@@ -158,4 +159,19 @@ def timer_from_row(r: Sequence[Any]) -> TimerRecord:
         kind=r[3],
         due_at=float(r[4]),
         payload=load(r[5]),
+    )
+
+
+def history_from_row(r: Sequence[Any]) -> HistoryEntry:
+    """(seq, execution_id, kind, task_id, task_name, state, state_info, cause, at)."""
+    return HistoryEntry(
+        execution_id=ExecutionId(r[1]),
+        kind=r[2],
+        task_id=None if r[3] is None else TaskId(r[3]),
+        task_name=r[4],
+        state=r[5],
+        state_info=r[6],
+        cause=r[7],
+        at=float(r[8]),
+        seq=int(r[0]),
     )

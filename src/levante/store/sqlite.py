@@ -20,7 +20,13 @@ from typing import Any
 
 import aiosqlite
 
-from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
+from levante.core.model import (
+    AssignmentRecord,
+    ExecutionRecord,
+    HistoryEntry,
+    TaskRecord,
+    TimerRecord,
+)
 from levante.errors import StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
@@ -115,6 +121,19 @@ MIGRATIONS: dict[int, str] = {
         payload TEXT NOT NULL
     );
     CREATE INDEX timers_due ON timers(due_at);
+    CREATE TABLE history (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        execution_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        task_id TEXT,
+        task_name TEXT,
+        state TEXT NOT NULL,
+        state_info TEXT NOT NULL,
+        cause TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX history_by_execution ON history(execution_id, seq);
+    CREATE INDEX executions_listing ON executions(created_at, id);
     CREATE INDEX timers_by_execution ON timers(execution_id);
     """,
 }
@@ -280,6 +299,15 @@ class SqliteTransaction:
             "outcome_ok=0, outcome=? WHERE task_id=? AND state NOT IN ('DONE', 'CANCELLED')",
             (rows.dump(error), task_id),
         )
+
+    async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
+        if entries:
+            await self._db.executemany(
+                "INSERT INTO history (execution_id, kind, task_id, task_name, state, "
+                "state_info, cause, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(e.execution_id, e.kind, e.task_id, e.task_name, e.state, e.state_info,
+                  e.cause, e.at) for e in entries],
+            )  # fmt: skip
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         if timers:
@@ -448,6 +476,45 @@ class SqliteStore:
             found = await cur.fetchall()
         return [rows.task_from_row(r) for r in found]
 
+    async def list_executions(
+        self,
+        *,
+        state: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[ExecutionRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if state:
+            where.append("state=?")
+            params.append(state)
+        if workflow:
+            where.append("workflow=?")
+            params.append(workflow)
+        if before is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            params += [before[0], before[0], before[1]]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        async with self._r.execute(
+            f"SELECT {_EXECUTION_COLS} FROM executions {clause} "
+            "ORDER BY created_at DESC, id DESC LIMIT ?",
+            (*params, limit),
+        ) as cur:
+            found = await cur.fetchall()
+        return [rows.execution_from_row(r) for r in found]
+
+    async def history(
+        self, execution_id: ExecutionId, after_seq: int = 0, limit: int = 10_000
+    ) -> list[HistoryEntry]:
+        async with self._r.execute(
+            "SELECT seq, execution_id, kind, task_id, task_name, state, state_info, cause, at "
+            "FROM history WHERE execution_id=? AND seq>? ORDER BY seq LIMIT ?",
+            (execution_id, after_seq, limit),
+        ) as cur:
+            found = await cur.fetchall()
+        return [rows.history_from_row(r) for r in found]
+
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         async with self._r.execute(
             f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,)
@@ -518,14 +585,14 @@ class SqliteStore:
             )
             return cur.rowcount > 0
 
-    async def requeue_expired(self, now: float) -> int:
-        async with self._write() as db:
-            cur = await db.execute(
-                "UPDATE assignments SET state='QUEUED', worker_id=NULL, lease_expires_at=NULL "
-                "WHERE state='LEASED' AND lease_expires_at <= ?",
-                (now,),
-            )
-            return cur.rowcount
+    async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
+        async with self._r.execute(
+            f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE state='LEASED' "
+            "AND lease_expires_at <= ? ORDER BY lease_expires_at LIMIT ?",
+            (now, limit),
+        ) as cur:
+            found = await cur.fetchall()
+        return [rows.assignment_from_row(r) for r in found]
 
     async def next_lease_expiry(self) -> float | None:
         async with self._r.execute(

@@ -56,6 +56,41 @@ class EngineStub:
                 request_serializer=levante_dot_v1_dot_levante__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
                 _registered_method=True)
+        self.PauseExecution = channel.unary_unary(
+                '/levante.v1.Engine/PauseExecution',
+                request_serializer=levante_dot_v1_dot_levante__pb2.PauseExecutionRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+                _registered_method=True)
+        self.ResumeExecution = channel.unary_unary(
+                '/levante.v1.Engine/ResumeExecution',
+                request_serializer=levante_dot_v1_dot_levante__pb2.ResumeExecutionRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+                _registered_method=True)
+        self.CancelExecution = channel.unary_unary(
+                '/levante.v1.Engine/CancelExecution',
+                request_serializer=levante_dot_v1_dot_levante__pb2.CancelExecutionRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+                _registered_method=True)
+        self.RerunTask = channel.unary_unary(
+                '/levante.v1.Engine/RerunTask',
+                request_serializer=levante_dot_v1_dot_levante__pb2.RerunTaskRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+                _registered_method=True)
+        self.ListExecutions = channel.unary_unary(
+                '/levante.v1.Engine/ListExecutions',
+                request_serializer=levante_dot_v1_dot_levante__pb2.ListExecutionsRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.ListExecutionsResponse.FromString,
+                _registered_method=True)
+        self.WatchExecution = channel.unary_stream(
+                '/levante.v1.Engine/WatchExecution',
+                request_serializer=levante_dot_v1_dot_levante__pb2.WatchExecutionRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.ExecutionEvent.FromString,
+                _registered_method=True)
+        self.GetHistory = channel.unary_unary(
+                '/levante.v1.Engine/GetHistory',
+                request_serializer=levante_dot_v1_dot_levante__pb2.GetHistoryRequest.SerializeToString,
+                response_deserializer=levante_dot_v1_dot_levante__pb2.GetHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class EngineServicer:
@@ -92,6 +127,56 @@ class EngineServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseExecution(self, request, context):
+        """Lifecycle. Each returns the execution's status after the change; a change that
+        does not fit the execution's state is FAILED_PRECONDITION naming that state.
+        Pausing lets running actions finish but starts nothing new.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeExecution(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelExecution(self, request, context):
+        """Stops new work, marks unfinished tasks CANCELLED, refuses later outcomes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerunTask(self, request, context):
+        """Runs a failed task of a failed execution again and carries the execution on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListExecutions(self, request, context):
+        """Executions, newest first, a page at a time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchExecution(self, request, context):
+        """The current state, then every state change in order, until the execution ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHistory(self, request, context):
+        """The append-only log of an execution's state changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EngineServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +199,41 @@ def add_EngineServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=levante_dot_v1_dot_levante__pb2.GetStatusRequest.FromString,
                     response_serializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.SerializeToString,
+            ),
+            'PauseExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseExecution,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.PauseExecutionRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.SerializeToString,
+            ),
+            'ResumeExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeExecution,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.ResumeExecutionRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.SerializeToString,
+            ),
+            'CancelExecution': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelExecution,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.CancelExecutionRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.SerializeToString,
+            ),
+            'RerunTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunTask,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.RerunTaskRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.ExecutionStatus.SerializeToString,
+            ),
+            'ListExecutions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListExecutions,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.ListExecutionsRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.ListExecutionsResponse.SerializeToString,
+            ),
+            'WatchExecution': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchExecution,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.WatchExecutionRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.ExecutionEvent.SerializeToString,
+            ),
+            'GetHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHistory,
+                    request_deserializer=levante_dot_v1_dot_levante__pb2.GetHistoryRequest.FromString,
+                    response_serializer=levante_dot_v1_dot_levante__pb2.GetHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +346,195 @@ class Engine:
             '/levante.v1.Engine/GetStatus',
             levante_dot_v1_dot_levante__pb2.GetStatusRequest.SerializeToString,
             levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/levante.v1.Engine/PauseExecution',
+            levante_dot_v1_dot_levante__pb2.PauseExecutionRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/levante.v1.Engine/ResumeExecution',
+            levante_dot_v1_dot_levante__pb2.ResumeExecutionRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/levante.v1.Engine/CancelExecution',
+            levante_dot_v1_dot_levante__pb2.CancelExecutionRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/levante.v1.Engine/RerunTask',
+            levante_dot_v1_dot_levante__pb2.RerunTaskRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.ExecutionStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListExecutions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/levante.v1.Engine/ListExecutions',
+            levante_dot_v1_dot_levante__pb2.ListExecutionsRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.ListExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchExecution(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/levante.v1.Engine/WatchExecution',
+            levante_dot_v1_dot_levante__pb2.WatchExecutionRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.ExecutionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/levante.v1.Engine/GetHistory',
+            levante_dot_v1_dot_levante__pb2.GetHistoryRequest.SerializeToString,
+            levante_dot_v1_dot_levante__pb2.GetHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -322,6 +322,8 @@ class _Worker:
                 self._accept(message.assignment)
             elif kind == "ack":
                 self._acknowledge(message.ack)
+            elif kind == "cancel":
+                self._cancel(message.cancel)
             else:
                 self._log(logging.DEBUG, "ignoring engine message of kind %s", kind)
 
@@ -370,6 +372,13 @@ class _Worker:
         held = _Held(assignment)
         self._held[tid] = held
         held.task = asyncio.create_task(self._execute(held), name=f"levante-worker:task:{tid}")
+
+    def _cancel(self, cancel: pb.AssignmentCancelled) -> None:
+        """The engine no longer wants this assignment: stop its action if it runs."""
+        held = self._held.get(cancel.task_id)
+        self._log(logging.INFO, "assignment cancelled: %s", cancel.reason, task_id=cancel.task_id)
+        if held is not None and held.task is not None:
+            held.task.cancel()  # an async action stops; a sync one's thread runs on, unheard
 
     def _acknowledge(self, ack: pb.Ack) -> None:
         tid = ack.task_id
