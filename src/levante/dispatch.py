@@ -44,6 +44,8 @@ class WorkerSession:
     # Tell the worker an assignment it holds no longer counts (assignment id, reason).
     revoke: Callable[[AssignmentId, str], None] | None = None
     in_flight: set[AssignmentId] = field(default_factory=set)
+    # Set when one of its leases ran out: it gets no new work until it is heard from.
+    silent: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -156,7 +158,7 @@ class Dispatcher:
             await session.wake.wait()
             session.wake.clear()
             free = session.capacity - len(session.in_flight)
-            if free <= 0:
+            if free <= 0 or session.silent:
                 continue
             try:
                 claimed = await self._store.claim_assignments(
@@ -176,15 +178,23 @@ class Dispatcher:
 
     # -- what workers say
 
+    def heard_from(self, session: WorkerSession) -> None:
+        """The worker spoke: if its silence had cost it work, it may take work again."""
+        if session.silent:
+            session.silent = False
+            session.wake.set()
+
     async def result(
         self, session: WorkerSession, assignment_id: AssignmentId, outcome: Outcome
     ) -> None:
+        self.heard_from(session)
         try:
             await self._engine.complete(assignment_id, outcome)
         finally:
             self._settled(session, assignment_id)
 
     async def defer(self, session: WorkerSession, assignment_id: AssignmentId) -> None:
+        self.heard_from(session)
         try:
             if not await self._store.defer_assignment(assignment_id, session.worker_id):
                 found = await self._store.get_assignment(assignment_id)
@@ -198,6 +208,7 @@ class Dispatcher:
             self._settled(session, assignment_id)
 
     async def heartbeat(self, session: WorkerSession, ids: Collection[AssignmentId]) -> None:
+        self.heard_from(session)
         await self._store.extend_leases(
             session.worker_id, ids, self._clock() + self.lease_seconds
         )
@@ -218,6 +229,9 @@ class Dispatcher:
                 delay = self.lease_seconds if due is None else max(0.0, due - now)
                 await asyncio.sleep(min(delay, self.lease_seconds))
                 for assignment in await self._store.expired_leases(self._clock(), 100):
+                    holder = self._sessions.get(assignment.worker_id or "")
+                    if holder is not None:
+                        holder.silent = True
                     log.warning("assignment %s: the lease of worker %s ran out; trying again",
                                 assignment.id, assignment.worker_id)  # fmt: skip
                     await self._engine.expire_lease(assignment.id)

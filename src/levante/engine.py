@@ -59,6 +59,7 @@ from levante.core.model import (
     TimerRecord,
     VoidAssignment,
 )
+from levante.core.running import assignment_id
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
@@ -468,7 +469,7 @@ class Engine:
         items, started = task.runtime.get("items"), task.runtime.get("started")
         if not isinstance(items, int) or not isinstance(started, int) or started >= items:
             return ()
-        held = await tx.get_assignment(AssignmentId(f"{task.id}/{started}"))
+        held = await tx.get_assignment(assignment_id(task, started, max(task.attempt, 1)))
         return () if held is None or held.state != AssignmentState.HELD else (held,)
 
     async def _load(

@@ -58,3 +58,19 @@ def boom(message: str = "boom") -> None:
 def wait_deferred(context: ActionContext) -> object:
     _log(f"deferred {context.task_id}")
     return DEFERRED
+
+
+@action("test.async_gate")
+async def async_gate(name: str, context: ActionContext) -> str:
+    """Like test.gate, but async, so that an AssignmentCancelled can stop it."""
+    import asyncio
+
+    _log(f"async-entered {name} {context.task_id}")
+    gates = Path(os.environ["LEVANTE_TEST_GATES"])
+    try:
+        while not (gates / name).exists():
+            await asyncio.sleep(0.02)
+    except asyncio.CancelledError:
+        _log(f"async-cancelled {name} {context.task_id}")
+        raise
+    return name

@@ -145,8 +145,7 @@ class ChildProcess:
                 )
             if time.monotonic() > deadline:
                 raise BenchError(
-                    f"{self.name} did not print {text!r} in time; its output:\n"
-                    + self.last_lines()
+                    f"{self.name} did not print {text!r} in time; its output:\n" + self.last_lines()
                 )
             await asyncio.sleep(0.02)
 
@@ -206,10 +205,17 @@ class Cluster:
             self.workers.append(
                 ChildProcess(
                     f"worker-{i}",
-                    ["worker", "--engine", self.address, "--concurrency", str(self.concurrency),
-                     "--worker-id", f"bench-w{i}"],
+                    [
+                        "worker",
+                        "--engine",
+                        self.address,
+                        "--concurrency",
+                        str(self.concurrency),
+                        "--worker-id",
+                        f"bench-w{i}",
+                    ],
                     self.run_dir,
-                )  # fmt: skip
+                )
             )
         # The dispatcher logs each worker's attachment; measure only once all are there.
         for i, worker in enumerate(self.workers):
@@ -243,8 +249,9 @@ class Cluster:
         parts = []
         for child in [self.server, *self.workers]:
             if child is not None:
-                parts.append(f"--- {child.name} (pid {child.pid}), last lines:\n"
-                             + child.last_lines(15))  # fmt: skip
+                parts.append(
+                    f"--- {child.name} (pid {child.pid}), last lines:\n" + child.last_lines(15)
+                )
         return "\n".join(parts)
 
     def stop(self) -> None:

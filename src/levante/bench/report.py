@@ -21,6 +21,7 @@ class Sample:
     figure: str
     value: float
     unit: str
+    size: str = ""
 
 
 @dataclass
@@ -69,8 +70,12 @@ class Failure:
     error: str
 
     def as_dict(self) -> dict[str, Any]:
-        return {"scenario": self.scenario, "store": self.store, "run": self.run,
-                "error": self.error}  # fmt: skip
+        return {
+            "scenario": self.scenario,
+            "store": self.store,
+            "run": self.run,
+            "error": self.error,
+        }
 
 
 def format_value(value: float) -> str:
@@ -89,15 +94,25 @@ def format_value(value: float) -> str:
 def table(results: list[Result]) -> str:
     rows = [("scenario", "store", "figure", "median", "min", "max", "unit")]
     for r in results:
-        rows.append((r.scenario, r.store, f"{r.figure} ({r.size})" if r.size else r.figure,
-                     format_value(r.median), format_value(r.min), format_value(r.max),
-                     r.unit))  # fmt: skip
+        rows.append(
+            (
+                r.scenario,
+                r.store,
+                f"{r.figure} ({r.size})" if r.size else r.figure,
+                format_value(r.median),
+                format_value(r.min),
+                format_value(r.max),
+                r.unit,
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     numeric = {3, 4, 5}
     lines = []
     for n, row in enumerate(rows):
-        cells = [c.rjust(w) if i in numeric and n else c.ljust(w)
-                 for i, (c, w) in enumerate(zip(row, widths, strict=True))]  # fmt: skip
+        cells = [
+            c.rjust(w) if i in numeric and n else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))

@@ -62,6 +62,7 @@ class StorePlace:
     @classmethod
     async def create(cls, kind: str, run_dir: Path) -> StorePlace:
         if kind == "sqlite":
+            run_dir.mkdir(parents=True, exist_ok=True)
             path = run_dir / "levante.db"
             return cls(kind, f"sqlite:///{path}", sqlite_path=path)  # absolute: sqlite:////...
         if kind == "memory":
@@ -114,9 +115,7 @@ async def count_deferred(place: StorePlace) -> int | None:
 
         conn = await asyncpg.connect(place.url, timeout=10)
         try:
-            value = await conn.fetchval(
-                "SELECT count(*) FROM assignments WHERE state = 'DEFERRED'"
-            )
+            value = await conn.fetchval("SELECT count(*) FROM assignments WHERE state = 'DEFERRED'")
         finally:
             await conn.close()
         return int(value)
@@ -154,4 +153,3 @@ class CommitCounter:
         self._thread.join(timeout=10)
         self._db.close()
         return self.changes
-

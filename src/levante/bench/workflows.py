@@ -25,8 +25,13 @@ def chain(name: str, n: int) -> str:
 def fan_out(name: str, n: int) -> str:
     """One task, ``n`` parallel tasks after it, one ``join: all`` task after them."""
     branches = [f"p{i}" for i in range(n)]
-    lines = [_HEADER + f"{name}:", "  tasks:", "    start:", "      action: std.noop",
-             "      on-success:"]  # fmt: skip
+    lines = [
+        _HEADER + f"{name}:",
+        "  tasks:",
+        "    start:",
+        "      action: std.noop",
+        "      on-success:",
+    ]
     lines += [f"        - {b}" for b in branches]
     for b in branches:
         lines += [f"    {b}:", "      action: std.noop", "      on-success: [join]"]

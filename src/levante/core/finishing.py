@@ -129,7 +129,7 @@ def items_settled(step: Step, event: ItemsSettled) -> None:
         if failure is not None:
             finish_task(step, task, Outcome.failure(results), error_message(failure.value))
             return
-        settle(step, task, Outcome.success(results), None, with_retry=False)
+        settle(step, task, Outcome.success(results), None, items=latest)
     except (ExpressionError, TaskStartError) as e:
         fail_handling(step, task, e)
 
@@ -140,9 +140,12 @@ def settle(
     outcome: Outcome,
     assignment: AssignmentRecord | None,
     *,
-    with_retry: bool = True,
+    items: Mapping[int, AssignmentRecord] | None = None,
 ) -> None:
-    """fail-on, retry and wait-after, then finish the task."""
+    """fail-on, retry and wait-after, then finish the task.
+
+    For a with-items task (``items``: each item's last try) a retry runs every item again.
+    """
     task_spec = step.spec.task(task.name)
     if outcome.ok and task_spec.policies.fail_on is not None:
         judged = replace(task, result=outcome.value, state=TaskState.SUCCESS)
@@ -150,7 +153,9 @@ def settle(
             outcome = Outcome.failure(outcome.value)
             task = step.put_task(replace(step.current(task), runtime={
                 **step.current(task).runtime, "state_info": "Failed by fail-on policy"}))
-    if with_retry and assignment is not None and _retry(step, task, outcome, assignment):
+    if assignment is not None and _retry(step, task, outcome, assignment):
+        return
+    if items is not None and not outcome.ok and _retry_items(step, task, outcome, items):
         return
     wait_after = task_spec.policies.wait_after
     if wait_after is not None and not step.current(task).runtime.get("waited_after"):
@@ -207,6 +212,42 @@ def _retry(
         return True
     step.put_task(replace(current, runtime=runtime))
     _next_attempt(step, step.current(task), assignment)
+    return True
+
+
+def _retry_items(
+    step: Step, task: TaskRecord, outcome: Outcome, items: Mapping[int, AssignmentRecord]
+) -> bool:
+    """A with-items task failed as a whole (fail-on): run all of its items again."""
+    retry = step.spec.task(task.name).policies.retry
+    if retry is None:
+        return False
+    current = step.current(task)
+    judged = replace(current, result=outcome.value, state=TaskState.ERROR)
+    data = _with_own_publish(step, judged, False)
+    retry_no = int(current.runtime.get("retry_no", 0))
+    if retry_no >= int(step.evaluate(retry.count, data, judged) or 0):
+        return False
+    if retry.break_on is not None and step.evaluate(retry.break_on, data, judged):
+        return False
+    if retry.continue_on is not None and not step.evaluate(retry.continue_on, data, judged):
+        return False
+    attempt = current.attempt + 1
+    count = len(items)
+    concurrency = step.evaluate(step.spec.task(task.name).policies.concurrency, data, judged)
+    limit = count if not concurrency else min(count, int(concurrency))
+    runtime = {**current.runtime, "retry_no": retry_no + 1, "items": count, "started": limit,
+               "done": 0}  # fmt: skip
+    step.put_task(replace(current, state=TaskState.RUNNING, attempt=attempt, runtime=runtime))
+    for index in sorted(items):
+        previous = items[index]
+        again = replace(previous, id=assignment_id(task, index, attempt), attempt=attempt,
+                        outcome=None, worker_id=None, lease_expires_at=None,
+                        created_at=step.now)  # fmt: skip
+        if index < limit:
+            release(step, again)
+        else:
+            step.put_assignment(replace(again, state=AssignmentState.HELD))
     return True
 
 

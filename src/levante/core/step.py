@@ -159,16 +159,21 @@ class Step:
         )
 
     def _history(self) -> tuple[HistoryEntry, ...]:
-        """The state changes this decision makes, execution first, tasks in seq order."""
+        """The state changes this decision makes, in the order they happen: tasks in seq
+        order, the execution first when it starts or pauses, last when it ends."""
         ex = self.execution
         entries: list[HistoryEntry] = []
-        if ex.state != self._execution_state_before:
-            entries.append(HistoryEntry(ex.id, "execution", ex.state.value, ex.state_info,
-                                        self.cause, self.now))  # fmt: skip
         for task in sorted(self.changed_tasks.values(), key=lambda t: t.seq):
             if self._states_before.get(task.id) != task.state.value:
                 entries.append(HistoryEntry(ex.id, "task", task.state.value, task.state_info,
                                             self.cause, self.now, task.id, task.name))
+        if ex.state != self._execution_state_before:
+            entry = HistoryEntry(ex.id, "execution", ex.state.value, ex.state_info, self.cause,
+                                 self.now)  # fmt: skip
+            if ex.state.is_final:
+                entries.append(entry)
+            else:
+                entries.insert(0, entry)
         return tuple(entries)
 
     def put_task(self, task: TaskRecord) -> TaskRecord:

@@ -202,7 +202,7 @@ _CLAIM = (
     "WITH picked AS MATERIALIZED (SELECT id FROM assignments "
     "WHERE state='QUEUED' AND action = ANY($3::text[]) "
     "AND (target IS NULL OR target = ANY($5::text[])) "
-    "ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
+    "ORDER BY seq LIMIT $4) "
     "UPDATE assignments a SET state='LEASED', worker_id=$1, lease_expires_at=$2 "
     "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
     f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq"
@@ -383,7 +383,7 @@ class PostgresTransaction:
         with _Failing(f"cannot take timer {timer_id}"):
             row = await self._conn.fetchrow(
                 "DELETE FROM timers WHERE id = "
-                "(SELECT id FROM timers WHERE id=$1 FOR UPDATE) "
+                "(SELECT id FROM timers WHERE id=$1 FOR UPDATE SKIP LOCKED) "
                 f"RETURNING {_TIMER_COLS}",
                 timer_id,
             )
