@@ -77,3 +77,52 @@ def test_status_of_unknown_execution(server: EngineServer) -> None:
     done = levante("status", "nope", "--engine", server.address)
     assert done.returncode == 2
     assert "not found" in done.stderr
+
+
+HELD = """
+version: '2.0'
+held:
+  input: [gate]
+  tasks:
+    wait:
+      action: test.gate name=<% $.gate %>
+      on-success: [after]
+    after:
+      action: std.echo output=done
+"""
+
+
+@pytest.mark.usefixtures("workers")
+def test_lifecycle_commands(server: EngineServer, gates: Path) -> None:
+    import asyncio
+
+    from levante.client import Client
+
+    async def start(gate: str) -> str:
+        async with Client(server.address) as client:
+            return await client.run("held", {"gate": gate}, definition=HELD)
+
+    execution_id = asyncio.run(start("cli"))
+    engine = ["--engine", server.address]
+    paused = levante("pause", execution_id, *engine)
+    assert paused.returncode == 0 and "PAUSED" in paused.stdout, paused.stderr
+    again = levante("pause", execution_id, *engine)
+    assert again.returncode == 2 and "PAUSED" in again.stderr
+    listing = levante("list", "--state", "PAUSED", *engine)
+    assert execution_id in listing.stdout
+    resumed = levante("resume", execution_id, *engine)
+    assert resumed.returncode == 0 and "RUNNING" in resumed.stdout
+    (gates / "cli").touch()
+    watched = levante("watch", execution_id, *engine)
+    assert watched.returncode == 0, watched.stdout + watched.stderr
+    assert "after" in watched.stdout and watched.stdout.rstrip().endswith("SUCCESS")
+    history = levante("history", execution_id, *engine)
+    assert "ExecutionStarted" in history.stdout and "AssignmentCompleted" in history.stdout
+
+    cancelled_id = asyncio.run(start("never"))
+    cancelled = levante("cancel", cancelled_id, "--reason", "not today", *engine)
+    assert cancelled.returncode == 0 and "CANCELLED" in cancelled.stdout
+    status = levante("status", cancelled_id, *engine)
+    assert "not today" in status.stdout
+    rerun = levante("rerun", cancelled_id, "wait", *engine)
+    assert rerun.returncode == 2 and "CANCELLED" in rerun.stderr

@@ -248,3 +248,65 @@ async def test_a_silent_worker_loses_its_lease_to_a_new_attempt(
             os.kill(silent.process.proc.pid, signal.SIGCONT)
         silent.stop()
         engine.stop()
+
+
+FAN_OUT = """
+version: '2.0'
+fan:
+  tasks:
+    start:
+      action: std.noop
+      on-success: [spread]
+    spread:
+      with-items: i in <% range(12) %>
+      concurrency: 4
+      action: test.async_gate name="fan-never"
+      on-complete: [never]
+    never:
+      action: std.noop
+"""
+
+
+async def test_cancel_in_the_middle_of_a_fan_out(server: EngineServer,
+                                                 worker_env: dict[str, str],
+                                                 action_log: Path) -> None:  # fmt: skip
+    worker = Worker(server.address, concurrency=8, env=worker_env)
+    try:
+        async with Client(server.address) as client:
+            execution_id = await client.run("fan", definition=FAN_OUT)
+            wait_for(lambda: sum(x.startswith("async-entered") for x in read_log(action_log))
+                     == 4, what="4 items running (concurrency 4)")  # fmt: skip
+            cancelled = await client.cancel(execution_id)
+            assert cancelled.state == "CANCELLED"
+            assert {t.name: t.state for t in cancelled.tasks} == {
+                "start": "SUCCESS", "spread": "CANCELLED"}  # fmt: skip
+            wait_for(lambda: sum(x.startswith("async-cancelled") for x in read_log(action_log))
+                     == 4, what="the worker to stop the 4 running items")  # fmt: skip
+            # Nothing more starts: the 8 held items never run, 'never' is never created.
+            history = await client.history(execution_id)
+            assert history[-1].kind == "execution" and history[-1].state == "CANCELLED"
+            again = await client.get_status(execution_id)
+            assert [t.name for t in again.tasks] == ["start", "spread"]
+        entered = sum(x.startswith("async-entered") for x in read_log(action_log))
+        assert entered == 4
+    finally:
+        worker.stop()
+
+
+async def test_timers_fire_within_100_ms_on_an_idle_server(client: Client) -> None:
+    definition = """
+version: '2.0'
+timed:
+  tasks:
+    t:
+      wait-before: 0.5
+      publish: {x: 1}
+"""
+    execution_id = await client.run("timed", definition=definition)
+    done = await client.wait(execution_id)
+    assert done.state == "SUCCESS"
+    history = await client.history(execution_id)
+    delayed = next(e for e in history if e.task_name == "t" and e.state == "RUNNING_DELAYED")
+    fired = next(e for e in history if e.task_name == "t" and e.cause == "TimerFired")
+    late = fired.at - delayed.at - 0.5
+    assert 0 <= late < 0.1, f"the timer fired {late * 1000:.0f} ms late"
