@@ -167,7 +167,13 @@ async def _worker(args: argparse.Namespace) -> int:
         stop=stop,
         heartbeat_seconds=args.heartbeat_seconds,
     )
-    return 0
+    # serve_worker has delivered what it could within its grace period. A plain
+    # (thread-run) action that never returns cannot be interrupted and would keep the
+    # interpreter alive for ever: leave now. Its assignment's lease runs out and it
+    # is tried again elsewhere.
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- run / status

@@ -21,6 +21,7 @@ taken request_id); callers never see asyncpg.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -134,6 +135,8 @@ assert max(MIGRATIONS) == SCHEMA_VERSION
 # are per database, so stores of different databases on one server do not wait for each other.
 MIGRATION_LOCK = int.from_bytes(b"levante", "big")
 
+CLOSE_GRACE_SECONDS = 10.0
+
 _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,  # the server said no (and DataError: a value it cannot take)
     asyncpg.InterfaceError,  # misuse or a closed connection
@@ -202,7 +205,7 @@ _CLAIM = (
     "WITH picked AS MATERIALIZED (SELECT id FROM assignments "
     "WHERE state='QUEUED' AND action = ANY($3::text[]) "
     "AND (target IS NULL OR target = ANY($5::text[])) "
-    "ORDER BY seq LIMIT $4) "
+    "ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
     "UPDATE assignments a SET state='LEASED', worker_id=$1, lease_expires_at=$2 "
     "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
     f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq"
@@ -419,10 +422,18 @@ class PostgresStore:
         self._pool = pool
 
     async def close(self) -> None:
+        """Close the pool, waiting CLOSE_GRACE_SECONDS at most for transactions to end."""
         pool, self._pool = self._pool, None
-        if pool is not None:
-            with _Failing("cannot close the connection pool"):
-                await pool.close()
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), CLOSE_GRACE_SECONDS)
+        except TimeoutError:
+            # A transaction still holds a connection: cut it rather than hang a shutdown.
+            pool.terminate()
+        except _DRIVER_ERRORS as e:
+            pool.terminate()
+            raise StoreError(f"cannot close the connection pool: {e}") from e
 
     @staticmethod
     async def _migrate(conn: Any) -> None:
