@@ -65,16 +65,16 @@ class Driver:
         return Snapshot(self.execution, latest, task, assignment)
 
     def _apply(self, first: Decision) -> None:
-        pending = deque([first])
+        pending: deque[Decision | Event] = deque([first])
         while pending:
-            d = pending.popleft()
+            item = pending.popleft()
+            d = item if isinstance(item, Decision) else decide(self.spec, self._for(item), item)
             self.execution = d.execution
             for t in d.tasks:
                 self.tasks[t.id] = t
             for a in d.assignments:
                 self.assignments[a.id] = a
-            for f in d.followups:
-                pending.append(decide(self.spec, self._for(f), f))
+            pending.extend(d.followups)
 
     def _for(self, event: Event) -> Snapshot:
         if isinstance(event, TaskFinished):

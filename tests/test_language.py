@@ -512,3 +512,33 @@ wf:
         assert result.ok, result.state_info
         assert result.output == {"r": "fixed"}
         assert result.task("t").attempt == 2
+
+
+async def test_output_after_succeed_sees_what_the_task_published() -> None:
+    result = await run("""
+version: '2.0'
+wf:
+  output: {b: <% $.b %>}
+  tasks:
+    t:
+      action: std.echo output=2
+      publish: {b: <% task().result %>}
+      on-success: [succeed]
+""")
+    assert result.ok and result.output == {"b": 2}
+
+
+async def test_a_policy_value_that_is_not_a_number_fails_the_task() -> None:
+    result = await run("""
+version: '2.0'
+wf:
+  input: [delay]
+  tasks:
+    t:
+      action: test.boom
+      retry:
+        count: 2
+        delay: <% $.delay %>
+""", input={"delay": "soon"}, actions={"test.boom": lambda: 1 / 0})
+    assert result.state == "ERROR"
+    assert "Invalid data type in RetryPolicy" in result.state_info

@@ -44,6 +44,11 @@ def _parser() -> argparse.ArgumentParser:
         "--lease-seconds", type=float, default=60.0,
         help="how long a worker holds an assignment without a heartbeat (default %(default)s)",
     )  # fmt: skip
+    serve.add_argument(
+        "--poll-seconds", type=float, default=float(os.environ.get("LEVANTE_POLL_SECONDS", 1.0)),
+        help="how often to look for work queued by other replicas sharing the store; "
+        "0 when this server is the store's only engine (default %(default)s)",
+    )
 
     worker = sub.add_parser("worker", help="run a worker serving the std actions and yours")
     worker.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
@@ -141,7 +146,8 @@ async def _serve(args: argparse.Namespace) -> int:
     def ready(server: LevanteServer) -> None:
         print(f"levante listening on {server.address}", flush=True)
 
-    config = ServerConfig(store=args.store, listen=args.listen, lease_seconds=args.lease_seconds)
+    config = ServerConfig(store=args.store, listen=args.listen, lease_seconds=args.lease_seconds,
+                          poll_seconds=args.poll_seconds)  # fmt: skip
     await serve(config, ready)
     return 0
 

@@ -56,9 +56,14 @@ class Dispatcher:
         engine: Engine,
         *,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        poll_seconds: float | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        # Work queued by another engine process sharing the store is noticed by this
+        # poll (one cheap read per interval); None when this process is the only one.
+        self.poll_seconds = poll_seconds
+        self._poller: asyncio.Task[None] | None = None
         self._engine = engine
         self.lease_seconds = lease_seconds
         self._clock = clock
@@ -71,11 +76,12 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._lease_timer = asyncio.create_task(self._expire_leases(), name="lease-timer")
+        if self.poll_seconds:
+            self._poller = asyncio.create_task(self._poll(self.poll_seconds), name="poller")
 
     async def close(self) -> None:
         tasks = [*self._pumps.values()]
-        if self._lease_timer is not None:
-            tasks.append(self._lease_timer)
+        tasks += [t for t in (self._lease_timer, self._poller) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -217,6 +223,20 @@ class Dispatcher:
         if assignment_id in session.in_flight:
             session.in_flight.discard(assignment_id)
             session.wake.set()
+
+    async def _poll(self, interval: float) -> None:
+        """Wake workers for work that other engine processes queued."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if self._sessions:
+                    actions = await self._store.queued_action_names()
+                    if actions:
+                        self.notify(actions)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("polling the queue failed; retrying")
 
     # -- leases
 

@@ -74,3 +74,12 @@ async def async_gate(name: str, context: ActionContext) -> str:
         _log(f"async-cancelled {name} {context.task_id}")
         raise
     return name
+
+
+@action("test.maybe_fail")
+def maybe_fail(key: str, fail: bool = False, context: ActionContext | None = None) -> str:
+    """Records that it ran, then fails when asked to (for error branches)."""
+    _log(f"{key} {context.task_id if context else ''}".strip())
+    if fail:
+        raise RuntimeError(f"{key} failed on purpose")
+    return key

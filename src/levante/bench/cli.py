@@ -158,7 +158,9 @@ async def _bench(args: argparse.Namespace, command: str) -> int:
                             flush=True,
                         )
     finally:
-        if not args.keep:
+        if args.keep or failures:
+            print(f"work directory kept (logs, stores): {workdir}", flush=True)
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
     ordered = list(results.values())
     print()

@@ -104,7 +104,7 @@ class ChildProcess:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        with self.log_path.open("w") as log:
+        with self.log_path.open("w", buffering=1) as log:
             for raw in self.proc.stdout:
                 line = raw.rstrip("\n")
                 log.write(raw)

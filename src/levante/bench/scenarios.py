@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from levante.bench import workflows
-from levante.bench.driver import BenchClient, start_many, wait_final
+from levante.bench.driver import (
+    STALL_SECONDS,
+    BenchClient,
+    start_many,
+    wait_final,
+    wait_workflow,
+)
 from levante.bench.processes import BenchError, Cluster
 from levante.bench.report import Sample
 from levante.bench.stores import CommitCounter, StorePlace, count_deferred
@@ -143,8 +149,14 @@ async def throughput(ctx: RunContext) -> list[Sample]:
         window = Window(cluster)
         started = time.time()
         ids = await start_many(client, "chain10", n)
-        ended = await wait_final(
-            client, ids, started=started, deadline=ctx.deadline, what="throughput", cluster=cluster
+        ended = await wait_workflow(
+            client,
+            "chain10",
+            ids,
+            started=started,
+            deadline=ctx.deadline,
+            what="throughput",
+            cluster=cluster,
         )
         seconds = ended - started
         cpu = window.samples(seconds, size)
@@ -163,8 +175,9 @@ async def chain(ctx: RunContext) -> list[Sample]:
         window = Window(cluster)
         started = time.time()
         execution = await client.run("chain")
-        ended = await wait_final(
+        ended = await wait_workflow(
             client,
+            "chain",
             [execution],
             started=started,
             deadline=ctx.deadline,
@@ -187,8 +200,9 @@ async def fanout(ctx: RunContext) -> list[Sample]:
         window = Window(cluster)
         started = time.time()
         execution = await client.run("fanout")
-        ended = await wait_final(
+        ended = await wait_workflow(
             client,
+            "fanout",
             [execution],
             started=started,
             deadline=ctx.deadline,
@@ -208,8 +222,9 @@ async def with_items(ctx: RunContext) -> list[Sample]:
         window = Window(cluster)
         started = time.time()
         execution = await client.run("items", {"items": list(range(n))})
-        ended = await wait_final(
+        ended = await wait_workflow(
             client,
+            "items",
             [execution],
             started=started,
             deadline=ctx.deadline,
@@ -232,8 +247,9 @@ async def growth(ctx: RunContext) -> list[Sample]:
             window = Window(cluster)
             started = time.time()
             execution = await client.run(f"chain{n}")
-            ended = await wait_final(
+            ended = await wait_workflow(
                 client,
+                f"chain{n}",
                 [execution],
                 started=started,
                 deadline=ctx.deadline,
@@ -253,12 +269,17 @@ async def _wait_settled(ctx: RunContext, cluster: Cluster, place: StorePlace, n:
     """Until all ``n`` tasks are deferred: counted in the store where it can be read from
     outside (SQLite, PostgreSQL; returns True), else until the engine's CPU has been still
     for a second (returns False: the moment is not exact)."""
+    last, changed = -1, time.monotonic()
     while True:
         count = await count_deferred(place)
         if count is None:
             break
         if count >= n:
             return True
+        if count != last:
+            last, changed = count, time.monotonic()
+        if time.monotonic() - changed > STALL_SECONDS:
+            raise BenchError(f"idle: no new deferral for {STALL_SECONDS:.0f} s ({count} of {n})")
         cluster.check_alive()
         ctx.check_deadline(f"waiting for deferrals ({count} of {n})")
         await asyncio.sleep(0.1)

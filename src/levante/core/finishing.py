@@ -159,7 +159,7 @@ def settle(
         return
     wait_after = task_spec.policies.wait_after
     if wait_after is not None and not step.current(task).runtime.get("waited_after"):
-        delay = float(step.evaluate(wait_after, task.in_context, task) or 0)
+        delay = _number(step.evaluate(wait_after, task.in_context, task), "WaitAfterPolicy")
         if delay > 0:
             current = step.current(task)
             step.put_task(replace(current, state=TaskState.RUNNING_DELAYED, runtime={
@@ -184,7 +184,7 @@ def _retry(
     judged = replace(current, result=outcome.value,
                      state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR)  # fmt: skip
     data = _with_own_publish(step, judged, outcome.ok)
-    count = int(step.evaluate(retry.count, data, judged) or 0)
+    count = int(_number(step.evaluate(retry.count, data, judged), "RetryPolicy", whole=True))
     key = "retry_no" if assignment.item is None else f"retry_no:{assignment.item}"
     retry_no = int(current.runtime.get(key, 0))
     if retry_no >= count:
@@ -197,7 +197,7 @@ def _retry(
             return False
     elif not step.evaluate(retry.continue_on, data, judged):
         return False
-    delay = float(step.evaluate(retry.delay, data, judged) or 0)
+    delay = _number(step.evaluate(retry.delay, data, judged), "RetryPolicy")
     runtime = {**current.runtime, key: retry_no + 1}
     if assignment.item is None:
         runtime["retry_no"] = retry_no + 1
@@ -226,7 +226,7 @@ def _retry_items(
     judged = replace(current, result=outcome.value, state=TaskState.ERROR)
     data = _with_own_publish(step, judged, False)
     retry_no = int(current.runtime.get("retry_no", 0))
-    if retry_no >= int(step.evaluate(retry.count, data, judged) or 0):
+    if retry_no >= _number(step.evaluate(retry.count, data, judged), "RetryPolicy", whole=True):
         return False
     if retry.break_on is not None and step.evaluate(retry.break_on, data, judged):
         return False
@@ -235,6 +235,7 @@ def _retry_items(
     attempt = current.attempt + 1
     count = len(items)
     concurrency = step.evaluate(step.spec.task(task.name).policies.concurrency, data, judged)
+    concurrency = _number(concurrency, "ConcurrencyPolicy", whole=True)
     limit = count if not concurrency else min(count, int(concurrency))
     runtime = {**current.runtime, "retry_no": retry_no + 1, "items": count, "started": limit,
                "done": 0}  # fmt: skip
@@ -249,6 +250,18 @@ def _retry_items(
         else:
             step.put_assignment(replace(again, state=AssignmentState.HELD))
     return True
+
+
+def _number(value: Any, policy: str, *, whole: bool = False) -> float:
+    """A policy's evaluated number (None and false mean 0); TaskStartError otherwise."""
+    if value is None or value is False:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
+        whole and not float(value).is_integer()
+    ):
+        kind = "a whole number >= 0" if whole else "a number >= 0"
+        raise TaskStartError(f"Invalid data type in {policy}: {value!r} is not {kind}")
+    return float(value)
 
 
 def _with_own_publish(step: Step, task: TaskRecord, ok: bool) -> dict[str, Any]:
@@ -391,6 +404,7 @@ def take_transitions(
     if task.runtime.get("drop_result"):
         task = step.put_task(replace(task, result=None))  # keep-result: false
     handled = ok or any(from_on_error for _, _, from_on_error in commands)
+    ended_here = False
     for index, (transition, params, _) in enumerate(commands):
         if index < skip:
             continue
@@ -405,13 +419,20 @@ def take_transitions(
             step.add_backlog({"kind": "transitions", "task_id": task.id, "skip": index + 1,
                               "took_task": took_task})  # fmt: skip
             return
-        elif _engine_command(step, transition.target, params):
-            break
+        else:
+            if transition.target in ("fail", "succeed") and not took_task:
+                # Engine commands are not next tasks: this task is an end task, and its
+                # context is in the final context that the output is evaluated over.
+                step.update_execution(final_context=merge_by_version(
+                    step.execution.final_context, outbound))  # fmt: skip
+                ended_here = True
+            if _engine_command(step, transition.target, params):
+                break
     if not handled:
         step.record_unhandled_error(task)
     if took_task:
         step.put_task(replace(step.current(task), has_next=True))
-    else:
+    elif not ended_here:
         step.update_execution(final_context=merge_by_version(step.execution.final_context,
                                                              outbound))  # fmt: skip
     step.finish_execution_if_done()
@@ -501,19 +522,27 @@ def _engine_command(step: Step, command: str, params: Mapping[str, Any]) -> bool
 
 
 def fail_stranded_joins(step: Step) -> None:
-    """Nothing runs: each waiting join can never fire, so it ends in ERROR."""
-    if not step.running:
-        return
-    for task in list(step.latest.values()):
-        if task.state != TaskState.WAITING or not step.running:
-            continue
-        inbound = step.spec.inbound_task_names(task.name)
-        missing = [n for n in inbound if n not in task.arrivals]
-        # The join fails like any task: its own on-error (or task-defaults) may handle it.
+    """Nothing runs: each waiting join can never fire, so it fails like any task.
+
+    Joins fail upstream first: a join waiting for another waiting join waits until that
+    one has failed, since the failure may route into it (on-error) and let it fire.
+    """
+    while step.running:
+        waiting = [t for t in step.latest.values() if t.state == TaskState.WAITING]
+        if not waiting:
+            break
+        names = {t.name for t in waiting}
+
+        def missing(task: TaskRecord) -> list[str]:
+            inbound = step.spec.inbound_task_names(task.name)
+            return [n for n in inbound if n not in task.arrivals]
+
+        upstream_first = [t for t in waiting if not set(missing(t)) & names] or waiting
+        task = min(upstream_first, key=lambda t: t.seq)
         step.update_execution(waiting_tasks=step.execution.waiting_tasks - 1,
                               active_tasks=step.execution.active_tasks + 1)  # fmt: skip
         running = step.put_task(replace(task, state=TaskState.RUNNING))
-        message = f"Failed by tasks: {missing}"
+        message = f"Failed by tasks: {missing(task)}"
         finish_task(step, running, Outcome.failure(message), message)
     step.finish_execution_if_done()
 

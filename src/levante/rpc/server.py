@@ -36,6 +36,7 @@ class ServerConfig:
     listen: str = "127.0.0.1:50051"
     lease_seconds: float = DEFAULT_LEASE_SECONDS
     grace_seconds: float = 5.0
+    poll_seconds: float = 1.0  # notice work other replicas queued (0: this is the only one)
 
 
 class LevanteServer:
@@ -45,7 +46,10 @@ class LevanteServer:
         self.config = config
         self.store = store or store_for(config.store)
         self.engine = Engine(self.store)
-        self.dispatcher = Dispatcher(self.store, self.engine, lease_seconds=config.lease_seconds)
+        self.dispatcher = Dispatcher(
+            self.store, self.engine, lease_seconds=config.lease_seconds,
+            poll_seconds=config.poll_seconds or None,
+        )  # fmt: skip
         self.engine.set_dispatch_listener(self.dispatcher.notify)
         self.timekeeper = Timekeeper(self.store, self.engine)
         self.engine.listeners.on_timer = self.timekeeper.scheduled

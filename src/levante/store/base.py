@@ -197,6 +197,10 @@ class Store(Protocol):
         """Mark a LEASED assignment DEFERRED (its outcome will come through TaskComplete)."""
         ...
 
+    async def queued_action_names(self) -> set[str]:
+        """The actions that have QUEUED assignments (a cheap read, for polling)."""
+        ...
+
     async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
         """LEASED assignments whose lease ran out by ``now``, earliest first (read only)."""
         ...

@@ -335,6 +335,10 @@ class MemoryStore:
             )
             return True
 
+    async def queued_action_names(self) -> set[str]:
+        return {a.action for a in self._t.assignments.values()
+                if a.state == AssignmentState.QUEUED}  # fmt: skip
+
     async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
         expired = [
             a for a in self._t.assignments.values()

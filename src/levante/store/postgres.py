@@ -9,7 +9,7 @@ Concurrency, where SQLite serialises every writer on one lock:
 - ``lock_execution`` is ``SELECT ... FOR UPDATE``: writers of one execution queue up on
   its row, writers of different executions run in parallel.
 - Inside a transaction, ``get_assignment`` locks the row too, so an engine's
-  read-modify-write of an assignment never interleaves with a claim, requeue or defer:
+  read-modify-write of an assignment never interleaves with a claim, release or defer:
   each happens wholly before or after it, as it would on SQLite.
 - ``claim_assignments`` and ``take_timer`` skip rows other transactions hold
   (``FOR UPDATE SKIP LOCKED``): two claimers never get the same assignment, and a
@@ -30,7 +30,13 @@ from typing import Any
 
 import asyncpg
 
-from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord, TimerRecord
+from levante.core.model import (
+    AssignmentRecord,
+    ExecutionRecord,
+    HistoryEntry,
+    TaskRecord,
+    TimerRecord,
+)
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
@@ -126,6 +132,19 @@ MIGRATIONS: dict[int, str] = {
         payload TEXT NOT NULL
     );
     CREATE INDEX timers_due ON timers(due_at);
+    CREATE TABLE history (
+        seq BIGSERIAL PRIMARY KEY,
+        execution_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        task_id TEXT,
+        task_name TEXT,
+        state TEXT NOT NULL,
+        state_info TEXT NOT NULL,
+        cause TEXT NOT NULL,
+        at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX history_by_execution ON history(execution_id, seq);
+    CREATE INDEX executions_listing ON executions(created_at, id);
     CREATE INDEX timers_by_execution ON timers(execution_id);
     """,
 }
@@ -166,14 +185,14 @@ class _Failing:
             raise StoreError(f"{self.what}: {exc}") from exc
 
 
-def _params(first: int, n: int) -> str:
-    return ", ".join(f"${i}" for i in range(first, first + n))
+def _params(n: int) -> str:
+    return ", ".join(f"${i}" for i in range(1, n + 1))
 
 
 def _upsert_sql(table: str, columns: Sequence[str]) -> str:
     updates = ", ".join(f"{c}=EXCLUDED.{c}" for c in columns if c != "id")
     return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_params(1, len(columns))}) "
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_params(len(columns))}) "
         f"ON CONFLICT (id) DO UPDATE SET {updates}"
     )
 
@@ -195,12 +214,13 @@ _UPSERT_ASSIGNMENT = _upsert_sql("assignments", rows.ASSIGNMENT_COLUMNS)
 # request_id makes this wait for that transaction's end.
 _INSERT_EXECUTION = (
     f"INSERT INTO executions ({_EXECUTION_COLS}) "
-    f"VALUES ({_params(1, len(rows.EXECUTION_COLUMNS))}) "
+    f"VALUES ({_params(len(rows.EXECUTION_COLUMNS))}) "
     "ON CONFLICT (request_id) DO NOTHING"
 )
-# The picked rows are a MATERIALIZED CTE: as ``id IN (SELECT ... LIMIT n)`` the planner
-# may run the subquery once per outer row (a semi join), and each run, skipping the rows
-# this very statement has just updated, picks n more: one claim would take the lot.
+# The rows are picked once, in a MATERIALIZED CTE. Written as ``id IN (SELECT ... LIMIT
+# n FOR UPDATE SKIP LOCKED)``, the planner may rerun the subquery for every outer row (a
+# semi join), and each run, skipping the rows this statement has just updated, picks n
+# more: one claim took every queued row in testing.
 _CLAIM = (
     "WITH picked AS MATERIALIZED (SELECT id FROM assignments "
     "WHERE state='QUEUED' AND action = ANY($3::text[]) "
@@ -211,7 +231,7 @@ _CLAIM = (
     f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq"
 )
 _INSERT_TIMER = (
-    f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_params(1, len(rows.TIMER_COLUMNS))}) "
+    f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_params(len(rows.TIMER_COLUMNS))}) "
     "ON CONFLICT (id) DO NOTHING"
 )
 
@@ -362,13 +382,26 @@ class PostgresTransaction:
             )
         return [ExecutionId(r[0]) for r in found]
 
-    async def cancel_task_assignments(self, task_id: TaskId) -> None:
-        with _Failing(f"cannot cancel the assignments of task {task_id}"):
+    async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
+        with _Failing(f"cannot fail the assignments of task {task_id}"):
             await self._conn.execute(
-                "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
-                "WHERE task_id=$1 AND state NOT IN ('DONE', 'CANCELLED')",
+                "UPDATE assignments SET state='DONE', worker_id=NULL, lease_expires_at=NULL, "
+                "outcome_ok=0, outcome=$1 WHERE task_id=$2 AND state NOT IN ('DONE', 'CANCELLED')",
+                rows.dump(error),
                 task_id,
             )
+
+    async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
+        # seq comes from one sequence for all executions; within one execution it grows in
+        # commit order too, because every writer of an execution holds its row lock.
+        if entries:
+            with _Failing("cannot append to the history"):
+                await self._conn.executemany(
+                    "INSERT INTO history (execution_id, kind, task_id, task_name, state, "
+                    "state_info, cause, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    [(e.execution_id, e.kind, e.task_id, e.task_name, e.state, e.state_info,
+                      e.cause, e.at) for e in entries],
+                )  # fmt: skip
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         if timers:
@@ -405,13 +438,16 @@ class PostgresStore:
     async def open(self) -> None:
         if self._pool is not None:
             return
-        with _Failing("cannot connect to PostgreSQL"):
-            pool = await asyncpg.create_pool(
-                self.url,
-                min_size=self._min_size,
-                max_size=self._max_size,
-                server_settings={"application_name": "levante"},
-            )
+        try:
+            with _Failing("cannot connect to PostgreSQL"):
+                pool = await asyncpg.create_pool(
+                    self.url,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    server_settings={"application_name": "levante"},
+                )
+        except ValueError as e:  # asyncpg's URL parser, for a port that is not a number
+            raise StoreError(f"cannot connect to PostgreSQL: bad URL {self.url!r}: {e}") from e
         try:
             with _Failing("cannot migrate the schema"):
                 async with pool.acquire() as conn:
@@ -551,6 +587,49 @@ class PostgresStore:
             )
         return [rows.task_from_row(r) for r in found]
 
+    async def list_executions(
+        self,
+        *,
+        state: str | None = None,
+        workflow: str | None = None,
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[ExecutionRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if state:
+            params.append(state)
+            where.append(f"state=${len(params)}")
+        if workflow:
+            params.append(workflow)
+            where.append(f"workflow=${len(params)}")
+        if before is not None:
+            params += [before[0], before[1]]
+            at, key = len(params) - 1, len(params)
+            where.append(f"(created_at < ${at} OR (created_at = ${at} AND id < ${key}))")
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        params.append(limit)
+        with _Failing("cannot list executions"):
+            found = await self._p.fetch(
+                f"SELECT {_EXECUTION_COLS} FROM executions {clause} "
+                f"ORDER BY created_at DESC, id DESC LIMIT ${len(params)}",
+                *params,
+            )
+        return [rows.execution_from_row(r) for r in found]
+
+    async def history(
+        self, execution_id: ExecutionId, after_seq: int = 0, limit: int = 10_000
+    ) -> list[HistoryEntry]:
+        with _Failing(f"cannot read the history of execution {execution_id}"):
+            found = await self._p.fetch(
+                "SELECT seq, execution_id, kind, task_id, task_name, state, state_info, cause, at "
+                "FROM history WHERE execution_id=$1 AND seq>$2 ORDER BY seq LIMIT $3",
+                execution_id,
+                after_seq,
+                limit,
+            )
+        return [rows.history_from_row(r) for r in found]
+
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         with _Failing(f"cannot read assignment {assignment_id}"):
             row = await self._p.fetchrow(
@@ -616,14 +695,15 @@ class PostgresStore:
             )
         return _count(status) > 0
 
-    async def requeue_expired(self, now: float) -> int:
-        with _Failing("cannot requeue expired leases"):
-            status = await self._p.execute(
-                "UPDATE assignments SET state='QUEUED', worker_id=NULL, lease_expires_at=NULL "
-                "WHERE state='LEASED' AND lease_expires_at <= $1",
+    async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
+        with _Failing("cannot read expired leases"):
+            found = await self._p.fetch(
+                f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE state='LEASED' "
+                "AND lease_expires_at <= $1 ORDER BY lease_expires_at LIMIT $2",
                 now,
+                limit,
             )
-        return _count(status)
+        return [rows.assignment_from_row(r) for r in found]
 
     async def next_lease_expiry(self) -> float | None:
         with _Failing("cannot read the next lease expiry"):

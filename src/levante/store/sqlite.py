@@ -2,8 +2,11 @@
 
 Writers go through one connection and take SQLite's write lock with BEGIN IMMEDIATE,
 so transactions of this process are serialised by an asyncio lock and those of other
-processes sharing the file by SQLite itself (busy_timeout). Reads outside transactions
-use a second connection, which in WAL mode sees the last commit and never blocks.
+processes sharing the file by SQLite's lock. Waiting for that lock is done here, in
+short randomised steps: SQLite's own busy handler backs off to 100 ms sleeps, and a
+process that waits that way starves behind a busy replica that retakes the lock at once.
+Reads outside transactions use a second connection, which in WAL mode sees the last
+commit and never blocks.
 
 synchronous=NORMAL in WAL mode survives a killed process (kill -9) without losing a
 committed transaction; only a power cut may lose the last few.
@@ -12,6 +15,7 @@ committed transaction; only a power cut may lose the last few.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -138,6 +142,27 @@ MIGRATIONS: dict[int, str] = {
     """,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
+
+
+SQLITE_BUSY_MS = 2  # SQLite's own wait for the write lock, before ours takes over
+LOCK_WAIT_SECONDS = 60.0
+
+
+async def _begin_immediate(db: aiosqlite.Connection) -> None:
+    """BEGIN IMMEDIATE, waiting for other processes' write lock in short random steps."""
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+        try:
+            await db.execute("BEGIN IMMEDIATE")
+            return
+        except aiosqlite.OperationalError as e:
+            if "locked" not in str(e) and "busy" not in str(e):
+                raise StoreError(f"cannot begin a transaction: {e}") from e
+            if time.monotonic() > deadline:
+                raise StoreError(
+                    f"the store stayed locked by another process for {LOCK_WAIT_SECONDS} s"
+                ) from e
+        await asyncio.sleep(random.uniform(0.0002, 0.002))
 
 
 def _placeholders(n: int) -> str:
@@ -340,7 +365,7 @@ class SqliteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        await db.execute("PRAGMA busy_timeout=30000")
+        await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         return db
@@ -360,7 +385,7 @@ class SqliteStore:
     @staticmethod
     async def _migrate(db: aiosqlite.Connection) -> None:
         """Apply missing migrations, each recorded in the same transaction as its DDL."""
-        await db.execute("BEGIN IMMEDIATE")
+        await _begin_immediate(db)
         try:
             await db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
@@ -403,10 +428,7 @@ class SqliteStore:
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
         async with self._write_lock:
             db = self._w
-            try:
-                await db.execute("BEGIN IMMEDIATE")
-            except aiosqlite.Error as e:
-                raise StoreError(f"cannot begin a transaction: {e}") from e
+            await _begin_immediate(db)
             try:
                 yield SqliteTransaction(db)
             except BaseException:
@@ -584,6 +606,12 @@ class SqliteStore:
                 (assignment_id,),
             )
             return cur.rowcount > 0
+
+    async def queued_action_names(self) -> set[str]:
+        async with self._r.execute(
+            "SELECT DISTINCT action FROM assignments WHERE state='QUEUED'"
+        ) as cur:
+            return {r[0] for r in await cur.fetchall()}
 
     async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
         async with self._r.execute(

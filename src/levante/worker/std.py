@@ -133,13 +133,14 @@ def _integer(name: str, value: Any) -> int:
 
 # ---------------------------------------------------------------- std.http
 
-HTTP_DEFAULT_TIMEOUT: Final = 60.0
+HTTP_DEFAULT_TIMEOUT = 60.0
 """Seconds a request may wait (to connect, per read, per write) when the action sets
-no ``timeout``; Mistral's ``[action_std_http] default_timeout``."""
+no ``timeout``; Mistral's ``[action_std_http] default_timeout``. Read at call time."""
 
-HTTP_MAX_RESPONSE_BYTES: Final = 5 * 1024 * 1024
-"""Largest response body (after content decoding) kept in a result; Mistral's
-``[action_std_http] max_response_size_bytes``. Read at call time."""
+HTTP_MAX_RESPONSE_BYTES = 5 * 1024 * 1024
+"""Largest response body (after content decoding) kept in a result, 0 for no limit;
+Mistral's ``[action_std_http] max_response_size_bytes``, which Mistral checks against
+Content-Length only. Read at call time."""
 
 _SUCCESS = range(200, 307)  # Mistral's: any other final status fails the action
 
@@ -246,7 +247,8 @@ def _http_timeout(timeout: Any) -> httpx.Timeout:
 
 @functools.cache
 def _default_ssl_context(verify: bool) -> ssl.SSLContext:
-    """Built once: loading the CA bundle takes longer than a local request."""
+    """Built once (SSL_CERT_FILE/SSL_CERT_DIR as they are then): loading the CA bundle
+    takes longer than a local request."""
     return httpx.create_ssl_context(verify=verify)
 
 
@@ -329,6 +331,8 @@ def _content(data: bytes, charset: str | None) -> Any:
 
 async def _read_body(response: httpx.Response, limit: int) -> bytes:
     declared = response.headers.get("Content-Length", "")
+    if response.request.method == "HEAD":  # the length of a body that is not sent
+        declared = ""
     if limit and declared.isdigit() and int(declared) > limit:
         raise ActionException(
             f"HTTP response is too large (Content-Length={declared}, limit={limit} bytes)"
@@ -344,9 +348,19 @@ async def _read_body(response: httpx.Response, limit: int) -> bytes:
 
 
 def _describe(exc: BaseException) -> str:
+    """``Type: message``, plus the innermost cause when it says more (httpx wraps the
+    OSError of a refused connection in "All connection attempts failed")."""
     detail = str(exc) or (
         "timed out" if isinstance(exc, httpx.TimeoutException) else repr(exc)
     )
+    root = exc
+    for _ in range(10):
+        inner = root.__cause__ or root.__context__
+        if inner is None:
+            break
+        root = inner
+    if root is not exc and str(root) and str(root) not in detail:
+        detail = f"{detail} ({type(root).__name__}: {root})"
     return f"{type(exc).__name__}: {detail}"
 
 
@@ -382,7 +396,7 @@ async def _http(
     ssl_context = _http_verify(verify)
     client_options: dict[str, Any] = {
         "auth": _http_auth(auth),
-        "cookies": {str(k): str(v) for k, v in (cookies or {}).items()},
+        "cookies": {str(k): str(v) for k, v in (cookies or {}).items() if v is not None},
         "timeout": _http_timeout(timeout),
         # requests, as Mistral calls it (allow_redirects=None), follows no redirect
         "follow_redirects": bool(allow_redirects),
@@ -499,8 +513,8 @@ async def mistral_http(
 
 # ---------------------------------------------------------------- std.email
 
-SMTP_TIMEOUT: Final = 60.0
-"""Seconds any one SMTP socket operation may take (Mistral sets none)."""
+SMTP_TIMEOUT = 60.0
+"""Seconds any one SMTP socket operation may take (Mistral sets none). Read at call time."""
 
 
 def _addresses(name: str, value: Any, *, required: bool = False) -> list[str]:
@@ -569,16 +583,19 @@ def email(
         raise ActionException("smtp_password must be a string")
 
     message = EmailMessage()
-    message["Subject"] = "<No subject>" if subject in (None, "") else str(subject)
-    message["From"] = from_addr
-    message["To"] = ", ".join(to)
-    if cc:
-        message["Cc"] = ", ".join(cc)
-    if replies:
-        message["Reply-To"] = ", ".join(replies)
-    message.set_content("<No body>" if body in (None, "") else str(body))
-    if html_body:
-        message.add_alternative(str(html_body), subtype="html")
+    try:
+        message["Subject"] = "<No subject>" if subject in (None, "") else str(subject)
+        message["From"] = from_addr
+        message["To"] = ", ".join(to)
+        if cc:
+            message["Cc"] = ", ".join(cc)
+        if replies:
+            message["Reply-To"] = ", ".join(replies)
+        message.set_content("<No body>" if body in (None, "") else str(body))
+        if html_body:
+            message.add_alternative(str(html_body), subtype="html")
+    except (ValueError, TypeError) as exc:  # e.g. a line break in a header
+        raise ActionException(f"Cannot build the email message: {exc}") from exc
     recipients = _unique([*to, *cc, *bcc])
 
     try:
