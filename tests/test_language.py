@@ -542,3 +542,26 @@ wf:
 """, input={"delay": "soon"}, actions={"test.boom": lambda: 1 / 0})
     assert result.state == "ERROR"
     assert "Invalid data type in RetryPolicy" in result.state_info
+
+
+async def test_target_routes_tasks_to_workers_that_declared_it() -> None:
+    definition = """
+version: '2.0'
+wf:
+  tasks:
+    t:
+      action: std.echo output=routed
+      target: gpu
+      publish: {r: <% task().result %>}
+"""
+    async with LocalEngine(targets=["gpu"]) as local:
+        await local.register(definition)
+        result = await asyncio.wait_for(local.run("wf"), 30)
+        assert result.ok and result.output == {"r": "routed"}
+    async with LocalEngine() as untargeted:
+        await untargeted.register(definition)
+        execution_id = await untargeted.start("wf")
+        for _ in range(20):
+            await asyncio.sleep(0.01)
+        info = await untargeted.status(execution_id)
+        assert info.state == "RUNNING" and info.tasks[0].state == "RUNNING"

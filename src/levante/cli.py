@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=10)
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    worker.add_argument(
+        "--target", action="append", default=[], metavar="NAME",
+        help="also take tasks whose `target:` is NAME (repeatable)",
+    )  # fmt: skip
 
     run = sub.add_parser("run", help="run a workflow file and print its output")
     run.add_argument("file", type=Path)
@@ -172,6 +176,7 @@ async def _worker(args: argparse.Namespace) -> int:
         worker_id=args.worker_id,
         stop=stop,
         heartbeat_seconds=args.heartbeat_seconds,
+        targets=args.target,
     )
     # serve_worker has delivered what it could within its grace period. A plain
     # (thread-run) action that never returns cannot be interrupted and would keep the

@@ -92,7 +92,9 @@ class LocalEngine:
         actions: ActionRegistry | Mapping[str, Callable[..., Any]] | None = None,
         *,
         concurrency: int = 64,
+        targets: Collection[str] = (),
     ) -> None:
+        self._targets = frozenset(targets)
         self.store = store_for(store)
         self.engine = Engine(self.store)
         self.dispatcher = Dispatcher(self.store, self.engine)
@@ -128,6 +130,7 @@ class LocalEngine:
             actions=frozenset(self.registry.names()),
             capacity=self._concurrency,
             deliver=self._deliver,
+            targets=self._targets,
         )
         await self.dispatcher.attach(self._session, holding=())
 

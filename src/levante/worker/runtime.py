@@ -26,6 +26,7 @@ import os
 import random
 import secrets
 import socket
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Final
@@ -74,8 +75,11 @@ async def serve_worker(
     heartbeat_seconds: float = 10.0,
     *,
     grace_seconds: float = GRACE_SECONDS,
+    targets: Sequence[str] = (),
 ) -> None:
     """Serves ``registry``'s actions to the engine at ``engine`` (``host:port``).
+
+    ``targets``: besides untargeted work, take the tasks whose ``target:`` is one of these.
 
     Runs until ``stop`` is set (then finishes gracefully: see the module
     docstring) or until the calling task is cancelled (then running actions are
@@ -95,6 +99,7 @@ async def serve_worker(
         stop=stop if stop is not None else asyncio.Event(),
         heartbeat_seconds=heartbeat_seconds,
         grace_seconds=grace_seconds,
+        targets=tuple(targets),
     )
     await worker.run()
 
@@ -123,7 +128,9 @@ class _Worker:
         stop: asyncio.Event,
         heartbeat_seconds: float,
         grace_seconds: float,
+        targets: tuple[str, ...] = (),
     ) -> None:
+        self._targets = targets
         self._engine = engine
         self._registry = registry
         self._capacity = capacity
@@ -308,6 +315,7 @@ class _Worker:
                 actions=self._registry.names(),
                 capacity=self._capacity,
                 holding=holding,
+                targets=list(self._targets),
             )
         )
 
