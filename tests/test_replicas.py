@@ -73,6 +73,7 @@ def check(i: int, info: ExecutionInfo) -> None:
 
 async def run_chaos(servers: list[EngineServer], worker_env: dict[str, str], action_log: Path,
                     executions: int) -> None:  # fmt: skip
+    # One worker per replica, and one more: 4 workers for 3 replicas, 3 for 2.
     workers = [Worker(s.address, concurrency=8, env=worker_env) for s in servers]
     workers.append(Worker(servers[0].address, concurrency=8, env=worker_env))
     try:
@@ -114,3 +115,18 @@ async def test_two_replicas_on_one_sqlite_file(
         for s in servers:
             for process in s.history:
                 process.terminate()
+
+
+async def test_three_replicas_on_postgresql(worker_env: dict[str, str], action_log: Path) -> None:
+    from stores import create_database, drop_database
+
+    url = await create_database()
+    servers: list[EngineServer] = []
+    try:
+        servers = [EngineServer(url, extra=["--poll-seconds", "0.2"]).start() for _ in range(3)]
+        await run_chaos(servers, worker_env, action_log, executions=200)
+    finally:
+        for s in servers:
+            for process in s.history:
+                process.terminate()
+        await drop_database(url)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime
 import io
+import os
 import pstats
 import shlex
 import shutil
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
         help="run the engine under cProfile; write DIR/SCENARIO-STORE-runN.prof, print its top",
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument(
+        "--taskflow-path",
+        type=Path,
+        metavar="DIR",
+        help="append DIR to sys.path to find taskflow (e.g. pip install --target DIR taskflow)",
+    )
     return p
 
 
@@ -99,6 +106,7 @@ async def _bench(args: argparse.Namespace, command: str) -> int:
     results: dict[tuple[str, str, str, str], Result] = {}
     failures: list[Failure] = []
     notes: list[str] = []
+    run_log: list[dict[str, Any]] = []
     began = time.monotonic()
     if args.profile_engine is not None:
         args.profile_engine.mkdir(parents=True, exist_ok=True)
@@ -128,6 +136,7 @@ async def _bench(args: argparse.Namespace, command: str) -> int:
                     )
                     ctx.run_dir.mkdir(parents=True)
                     run_began = time.monotonic()
+                    load = os.getloadavg()[0]
                     try:
                         samples = await asyncio.wait_for(scenario.run(ctx), limit + 120)
                     except Exception as e:
@@ -145,10 +154,20 @@ async def _bench(args: argparse.Namespace, command: str) -> int:
                         for s in samples
                         if "CPU" not in s.figure
                     )
+                    seconds = time.monotonic() - run_began
                     print(
-                        f"{scenario.title} [{store}] run {run}/{args.runs} "
-                        f"({time.monotonic() - run_began:.1f} s): {shown}",
+                        f"{scenario.title} [{store}] run {run}/{args.runs} ({seconds:.1f} s, "
+                        f"load {load:.1f}): {shown}",
                         flush=True,
+                    )
+                    run_log.append(
+                        {
+                            "scenario": name,
+                            "store": store,
+                            "run": run,
+                            "seconds": round(seconds, 1),
+                            "loadavg_1min": load,
+                        }
                     )
                     if ctx.profile_dir is not None:
                         path = ctx.profile_dir / f"{name}-{store}-run{run}.prof"
@@ -189,6 +208,7 @@ async def _bench(args: argparse.Namespace, command: str) -> int:
             "sizes": QUICK if args.quick else FULL,
             "results": [r.as_dict() for r in ordered],
             "failures": [f.as_dict() for f in failures],
+            "run_log": run_log,
             "notes": notes,
             "seconds": round(time.monotonic() - began, 1),
         }
@@ -203,6 +223,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "levante bench: --runs, --workers and --concurrency must be at least 1", file=sys.stderr
         )
         return 2
+    if args.taskflow_path is not None:
+        sys.path.append(str(args.taskflow_path))
     words = list(sys.argv[1:] if argv is None else argv)
     command = "python -m levante.bench " + shlex.join(words) if words else "python -m levante.bench"
     with contextlib.suppress(ValueError):  # not in the main thread: leave signals alone

@@ -103,6 +103,7 @@ class RunContext:
         try:
             await cluster.start()
             async with BenchClient(cluster.address) as client:
+                await _warm_up(client, cluster, self.deadline)
                 yield cluster, client, place
         except BenchError as e:
             raise BenchError(f"{e}\n{cluster.diagnostics()}") from None
@@ -111,6 +112,22 @@ class RunContext:
         finally:
             await asyncio.to_thread(cluster.stop)
             await place.dispose()
+
+
+async def _warm_up(client: BenchClient, cluster: Cluster, deadline: float) -> None:
+    """One small execution through the engine and both workers' connections, so that the
+    measured ones do not pay for first-time work (lazy imports, caches, connections)."""
+    await client.register_workflows(workflows.fan_out("warmup", 4))
+    execution = await client.run("warmup")
+    await wait_workflow(
+        client,
+        "warmup",
+        [execution],
+        started=time.time(),
+        deadline=deadline,
+        what="warm-up",
+        cluster=cluster,
+    )
 
 
 class Window:

@@ -21,6 +21,7 @@ from levante.core.model import (
     TaskRecord,
     TimerRecord,
 )
+from levante.errors import RequestIdTakenError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store.base import StoredDefinition
 
@@ -73,6 +74,9 @@ class MemoryTransaction:
         return self._t.request_ids.get(request_id)
 
     async def insert_execution(self, execution: ExecutionRecord) -> None:
+        request_id = execution.request_id
+        if request_id is not None and await self.find_execution_by_request_id(request_id):
+            raise RequestIdTakenError(f"request_id '{request_id}' belongs to another execution")
         self.executions[execution.id] = execution
 
     async def update_execution(self, execution: ExecutionRecord) -> None:

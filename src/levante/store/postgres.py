@@ -695,6 +695,13 @@ class PostgresStore:
             )
         return _count(status) > 0
 
+    async def queued_action_names(self) -> set[str]:
+        with _Failing("cannot read the queued actions"):
+            found = await self._p.fetch(
+                "SELECT DISTINCT action FROM assignments WHERE state='QUEUED'"
+            )
+        return {r[0] for r in found}
+
     async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
         with _Failing("cannot read expired leases"):
             found = await self._p.fetch(

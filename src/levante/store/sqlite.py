@@ -31,7 +31,7 @@ from levante.core.model import (
     TaskRecord,
     TimerRecord,
 )
-from levante.errors import StoreError
+from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
 from levante.store.base import SCHEMA_VERSION, StoredDefinition
@@ -212,11 +212,18 @@ class SqliteTransaction:
         return None if row is None else ExecutionId(row[0])
 
     async def insert_execution(self, execution: ExecutionRecord) -> None:
-        await self._db.execute(
-            f"INSERT INTO executions ({_EXECUTION_COLS}) "
-            f"VALUES ({_placeholders(len(rows.EXECUTION_COLUMNS))})",
-            rows.execution_row(execution),
-        )
+        try:
+            await self._db.execute(
+                f"INSERT INTO executions ({_EXECUTION_COLS}) "
+                f"VALUES ({_placeholders(len(rows.EXECUTION_COLUMNS))})",
+                rows.execution_row(execution),
+            )
+        except aiosqlite.IntegrityError as e:
+            if "request_id" in str(e):
+                raise RequestIdTakenError(
+                    f"request_id '{execution.request_id}' belongs to another execution"
+                ) from e
+            raise StoreError(f"cannot insert execution {execution.id}: {e}") from e
 
     async def update_execution(self, execution: ExecutionRecord) -> None:
         await self._db.execute(_UPSERT_EXECUTION, rows.execution_row(execution))
@@ -365,9 +372,12 @@ class SqliteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        # Switching a new file to WAL takes a lock that another process opening the
+        # file at the same moment may hold: SQLite's own (long) wait is right here.
+        await db.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
         return db
 
     async def open(self) -> None:
