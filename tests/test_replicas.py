@@ -130,3 +130,33 @@ async def test_three_replicas_on_postgresql(worker_env: dict[str, str], action_l
             for process in s.history:
                 process.terminate()
         await drop_database(url)
+
+
+async def test_postgresql_notify_wakes_workers_of_another_replica(
+    worker_env: dict[str, str]
+) -> None:
+    """With polling off, work queued on replica A reaches a worker of replica B at once."""
+    from stores import create_database, drop_database
+
+    url = await create_database()
+    servers: list[EngineServer] = []
+    worker = None
+    try:
+        servers = [EngineServer(url, extra=["--poll-seconds", "0"]).start() for _ in range(2)]
+        worker = Worker(servers[1].address, env=worker_env)
+        definition = "version: '2.0'\nping:\n  tasks:\n    t: {action: std.echo output=pong}\n"
+        async with Client(servers[0].address) as client:
+            await client.register_workflows(definition)
+            started = asyncio.get_running_loop().time()
+            ids = [await client.run("ping") for _ in range(5)]
+            infos = await asyncio.gather(*(client.wait(i, timeout=30) for i in ids))
+            elapsed = asyncio.get_running_loop().time() - started
+        assert all(info.state == "SUCCESS" for info in infos)
+        assert elapsed < 10
+    finally:
+        if worker is not None:
+            worker.stop()
+        for s in servers:
+            for process in s.history:
+                process.terminate()
+        await drop_database(url)

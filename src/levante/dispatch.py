@@ -76,6 +76,9 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._lease_timer = asyncio.create_task(self._expire_leases(), name="lease-timer")
+        # Other engine processes' work wakes our workers at once where the store can say
+        # so (PostgreSQL LISTEN/NOTIFY); the poll below stays as a safety net.
+        self.subscribed = await self._store.subscribe(self.notify)
         if self.poll_seconds:
             self._poller = asyncio.create_task(self._poll(self.poll_seconds), name="poller")
 

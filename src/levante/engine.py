@@ -535,7 +535,9 @@ class Engine:
             for command in decision.commands:
                 match command:
                     case DispatchAssignment(assignment=a):
-                        effects.actions.add(a.action)
+                        if a.action not in effects.actions:
+                            effects.actions.add(a.action)
+                            await tx.announce([a.action])
                     case VoidAssignment(assignment_id=void_id, reason=reason):
                         effects.voided[void_id] = reason
                     case CancelQueuedAssignments(execution_id=execution_id):
@@ -552,7 +554,9 @@ class Engine:
                         await tx.pause_assignments(execution_id)
                     case ResumeAssignments(execution_id=execution_id):
                         await tx.resume_assignments(execution_id)
-                        effects.actions |= await tx.queued_actions(execution_id)
+                        resumed = await tx.queued_actions(execution_id)
+                        effects.actions |= resumed
+                        await tx.announce(resumed)
                     case CancelExecutionWork(execution_id=execution_id):
                         await tx.cancel_execution_work(execution_id)
                         effects.voided[execution_id] = "the execution was cancelled"

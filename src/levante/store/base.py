@@ -15,7 +15,7 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -97,6 +97,14 @@ class StoreTransaction(Protocol):
 
     async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
         """Every open assignment of the task is DONE with this error (a timeout)."""
+        ...
+
+    async def announce(self, actions: Collection[str]) -> None:
+        """Work of these actions was queued: tell every engine process at commit.
+
+        PostgreSQL sends a NOTIFY (delivered only if the transaction commits); SQLite and
+        memory have nobody to tell (other processes sharing a SQLite file poll).
+        """
         ...
 
     async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
@@ -195,6 +203,11 @@ class Store(Protocol):
 
     async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
         """Mark a LEASED assignment DEFERRED (its outcome will come through TaskComplete)."""
+        ...
+
+    async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
+        """Call ``on_work(actions)`` when another process announces work; False if this
+        store cannot (then callers poll)."""
         ...
 
     async def queued_action_names(self) -> set[str]:

@@ -7,7 +7,7 @@ and applied at commit, so a failed transaction leaves nothing behind, as with SQ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
 from typing import Any
@@ -162,6 +162,9 @@ class MemoryTransaction:
                     a, state=AssignmentState.DONE, worker_id=None, lease_expires_at=None,
                     outcome=Outcome.failure(error),
                 )
+
+    async def announce(self, actions: Collection[str]) -> None:
+        return None  # nobody to tell: other processes sharing the store poll
 
     async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
         self.new_history.extend(entries)
@@ -338,6 +341,9 @@ class MemoryStore:
                 a, state=AssignmentState.DEFERRED, lease_expires_at=None
             )
             return True
+
+    async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
+        return False
 
     async def queued_action_names(self) -> set[str]:
         return {a.action for a in self._t.assignments.values()

@@ -22,8 +22,9 @@ taken request_id); callers never see asyncpg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any
@@ -236,11 +237,20 @@ _INSERT_TIMER = (
 )
 
 
+WORK_CHANNEL = "levante_work"
+
+
 class PostgresTransaction:
     """One BEGIN ... COMMIT on a connection of the pool (READ COMMITTED)."""
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
+
+    async def announce(self, actions: Collection[str]) -> None:
+        with _Failing("cannot announce queued work"):
+            await self._conn.execute(
+                "SELECT pg_notify($1, $2)", WORK_CHANNEL, ",".join(sorted(actions))
+            )
 
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         with _Failing(f"cannot lock execution {execution_id}"):
@@ -434,6 +444,7 @@ class PostgresStore:
         self._min_size = min_size
         self._max_size = max_size
         self._pool: Any = None
+        self._listeners: list[Any] = []
 
     async def open(self) -> None:
         if self._pool is not None:
@@ -457,8 +468,24 @@ class PostgresStore:
             raise
         self._pool = pool
 
+    async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
+        """LISTEN on a connection of its own; each NOTIFY wakes ``on_work``."""
+
+        def heard(connection: Any, pid: int, channel: str, payload: str) -> None:
+            on_work({a for a in payload.split(",") if a})
+
+        with _Failing("cannot listen for queued work"):
+            listener = await asyncpg.connect(self.url)
+            await listener.add_listener(WORK_CHANNEL, heard)
+        self._listeners.append(listener)
+        return True
+
     async def close(self) -> None:
         """Close the pool, waiting CLOSE_GRACE_SECONDS at most for transactions to end."""
+        for listener in self._listeners:
+            with contextlib.suppress(Exception):
+                await listener.close()
+        self._listeners.clear()
         pool, self._pool = self._pool, None
         if pool is None:
             return

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -332,6 +332,9 @@ class SqliteTransaction:
             (rows.dump(error), task_id),
         )
 
+    async def announce(self, actions: Collection[str]) -> None:
+        return None  # nobody to tell: other processes sharing the store poll
+
     async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
         if entries:
             await self._db.executemany(
@@ -616,6 +619,9 @@ class SqliteStore:
                 (assignment_id,),
             )
             return cur.rowcount > 0
+
+    async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
+        return False
 
     async def queued_action_names(self) -> set[str]:
         async with self._r.execute(
