@@ -158,3 +158,26 @@ async def test_detach_requeues_but_not_deferred(parts) -> None:  # type: ignore[
     states = [(await store.get_assignment(a.id)).state for a in got]  # type: ignore[union-attr]
     assert states[0] == AssignmentState.DEFERRED
     assert states[1:] == [AssignmentState.QUEUED] * 4
+
+
+async def test_a_task_timeout_bounds_its_lease(parts) -> None:  # type: ignore[no-untyped-def]
+    store, engine, dispatcher = parts
+    dispatcher.lease_seconds = 60
+    await engine.register("""
+version: '2.0'
+bounded:
+  tasks:
+    t:
+      action: work.a
+      timeout: 5
+""")
+    inbox = Inbox()
+    session = WorkerSession("w", frozenset({"work.a"}), 1, inbox.deliver)
+    await dispatcher.attach(session, ())
+    await engine.run("bounded")
+    [held] = await inbox.take(1)
+    assert held.deadline is not None and held.lease_expires_at is not None
+    assert held.lease_expires_at == held.deadline <= held.created_at + 5.001
+    await dispatcher.heartbeat(session, [held.id])
+    again = await store.get_assignment(held.id)
+    assert again is not None and again.lease_expires_at == held.deadline

@@ -371,6 +371,7 @@ async def test_assignments_round_trip(store: Store) -> None:
         outcome=Outcome.failure({"type": "Boom", "message": "ünïcode"}),
         item=3,
         target="gpu",
+        deadline=99.5,
         created_at=1.0,
     )
     ok = assignment("ok", state=AssignmentState.DONE, outcome=Outcome.success(None), created_at=2.0)

@@ -154,6 +154,7 @@ class AssignmentRecord:
     outcome: Outcome | None = None
     item: int | None = None  # with-items index
     target: str | None = None  # only workers that declared this target may take it
+    deadline: float | None = None  # the task's timeout: no lease runs past it
 
 
 @dataclass(frozen=True)

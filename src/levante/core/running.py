@@ -186,6 +186,8 @@ def _start(step: Step, task: TaskRecord) -> None:
             return
     timeout = _seconds(step, task, policies.timeout, "timeout")
     if timeout > 0:
+        task = step.put_task(replace(step.current(task), runtime={
+            **step.current(task).runtime, "deadline": step.now + timeout}))  # fmt: skip
         step.commands.append(StartTimer(TimerRecord(
             id=f"{task.id}:timeout", execution_id=task.execution_id, kind="timeout",
             due_at=step.now + timeout, task_id=task.id, payload={"seconds": timeout},
@@ -280,12 +282,14 @@ def make_assignment(
     if not isinstance(action, str) or not action:
         raise TaskStartError(f"action name {action!r} is not a name")
     base, base_input = resolve_adhoc(step, action, action_input)
+    deadline = step.current(task).runtime.get("deadline")
     step.put_task(replace(step.current(task), action=action))  # the name the task asked for
     return AssignmentRecord(
         id=assignment_id(task, item, attempt), task_id=task.id, execution_id=task.execution_id,
         task_name=task.name, action=base, input=base_input, attempt=attempt,
         state=AssignmentState.QUEUED, created_at=step.now, item=item,
         target=None if target is None else str(target),
+        deadline=None if deadline is None else float(deadline),
     )  # fmt: skip
 
 

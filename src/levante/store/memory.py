@@ -303,7 +303,7 @@ class MemoryStore:
                         a,
                         state=AssignmentState.LEASED,
                         worker_id=worker_id,
-                        lease_expires_at=lease_until,
+                        lease_expires_at=min(lease_until, a.deadline or lease_until),
                     )
                     self._t.assignments[a.id] = leased
                     claimed.append(leased)
@@ -330,7 +330,8 @@ class MemoryStore:
             for assignment_id in assignment_ids:
                 a = self._t.assignments.get(assignment_id)
                 if a is not None and a.worker_id == worker_id and a.state == AssignmentState.LEASED:
-                    self._t.assignments[a.id] = replace(a, lease_expires_at=lease_until)
+                    capped = min(lease_until, a.deadline or lease_until)
+                    self._t.assignments[a.id] = replace(a, lease_expires_at=capped)
 
     async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
         async with self._lock:

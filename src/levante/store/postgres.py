@@ -115,6 +115,7 @@ MIGRATIONS: dict[int, str] = {
         created_at DOUBLE PRECISION NOT NULL,
         item INTEGER,
         target TEXT,
+        deadline DOUBLE PRECISION,
         seq BIGSERIAL NOT NULL
     );
     CREATE INDEX assignments_queue ON assignments(state, action, seq);
@@ -227,7 +228,8 @@ _CLAIM = (
     "WHERE state='QUEUED' AND action = ANY($3::text[]) "
     "AND (target IS NULL OR target = ANY($5::text[])) "
     "ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
-    "UPDATE assignments a SET state='LEASED', worker_id=$1, lease_expires_at=$2 "
+    "UPDATE assignments a SET state='LEASED', worker_id=$1, "
+    "lease_expires_at=LEAST($2, COALESCE(a.deadline, 'Infinity'::float8)) "
     "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
     f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq"
 )
@@ -705,7 +707,8 @@ class PostgresStore:
             return
         with _Failing(f"cannot extend the leases of worker {worker_id}"):
             await self._p.execute(
-                "UPDATE assignments SET lease_expires_at=$1 "
+                "UPDATE assignments SET "
+                "lease_expires_at=LEAST($1, COALESCE(deadline, 'Infinity'::float8)) "
                 "WHERE worker_id=$2 AND state='LEASED' AND id = ANY($3::text[])",
                 lease_until,
                 worker_id,

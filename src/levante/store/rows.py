@@ -38,6 +38,7 @@ TASK_COLUMNS = (
 ASSIGNMENT_COLUMNS = (
     "id", "task_id", "execution_id", "task_name", "action", "input", "attempt", "state",
     "worker_id", "lease_expires_at", "outcome_ok", "outcome", "created_at", "item", "target",
+    "deadline",
 )  # fmt: skip
 
 
@@ -123,7 +124,7 @@ def assignment_row(a: AssignmentRecord) -> tuple[Any, ...]:
     return (
         a.id, a.task_id, a.execution_id, a.task_name, a.action, dump(a.input), a.attempt,
         a.state.value, a.worker_id, a.lease_expires_at, outcome_ok, outcome, a.created_at,
-        a.item, a.target,
+        a.item, a.target, a.deadline,
     )  # fmt: skip
 
 
@@ -144,6 +145,7 @@ def assignment_from_row(r: Sequence[Any]) -> AssignmentRecord:
         created_at=float(r[12]),
         item=None if r[13] is None else int(r[13]),
         target=r[14],
+        deadline=None if r[15] is None else float(r[15]),
     )
 
 

@@ -107,7 +107,8 @@ MIGRATIONS: dict[int, str] = {
         outcome TEXT,
         created_at REAL NOT NULL,
         item INTEGER,
-        target TEXT
+        target TEXT,
+        deadline REAL
     );
     CREATE INDEX assignments_queue ON assignments(state, action);
     CREATE INDEX assignments_leases ON assignments(state, lease_expires_at);
@@ -572,7 +573,8 @@ class SqliteStore:
         action_list = sorted(actions)
         target_list = sorted(targets)
         async with self._write() as db, db.execute(
-            f"UPDATE assignments SET state='LEASED', worker_id=?, lease_expires_at=? "
+            f"UPDATE assignments SET state='LEASED', worker_id=?, "
+            f"lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
             f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
             f"AND action IN ({_placeholders(len(action_list))}) "
             f"AND (target IS NULL OR target IN ({_placeholders(len(target_list))})) "
@@ -606,7 +608,8 @@ class SqliteStore:
             return
         async with self._write() as db:
             await db.execute(
-                f"UPDATE assignments SET lease_expires_at=? WHERE worker_id=? AND state='LEASED' "
+                f"UPDATE assignments SET lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
+                f"WHERE worker_id=? AND state='LEASED' "
                 f"AND id IN ({_placeholders(len(ids))})",
                 (lease_until, worker_id, *ids),
             )
