@@ -258,11 +258,13 @@ class Engine:
         The same outcome twice is accepted once; a different outcome for an assignment
         already completed raises AlreadyCompletedError.
         """
-        found = await self.store.get_assignment(assignment_id)
-        if found is None:
-            raise NotFoundError(f"task_id '{assignment_id}' not found")
         effects = _Effects()
         async with self.store.transaction() as tx:
+            # Looked up inside the transaction: the writer sees every commit, while a
+            # read outside it may run on a snapshot taken before this assignment existed.
+            found = await tx.get_assignment(assignment_id)
+            if found is None:
+                raise NotFoundError(f"task_id '{assignment_id}' not found")
             execution = await tx.lock_execution(found.execution_id)
             assignment = await tx.get_assignment(assignment_id)
             if execution is None or assignment is None:
@@ -363,11 +365,11 @@ class Engine:
 
     async def expire_lease(self, assignment_id: AssignmentId) -> None:
         """A lease ran out: supersede the attempt with a new one, in one transaction."""
-        found = await self.store.get_assignment(assignment_id)
-        if found is None:
-            return
         effects = _Effects()
         async with self.store.transaction() as tx:
+            found = await tx.get_assignment(assignment_id)
+            if found is None:
+                return
             execution = await tx.lock_execution(found.execution_id)
             assignment = await tx.get_assignment(assignment_id)
             now = self._clock()

@@ -32,9 +32,20 @@ class _Tables:
         self.tasks: dict[TaskId, TaskRecord] = {}
         self.assignments: dict[AssignmentId, AssignmentRecord] = {}
         self.task_ids_by_execution: dict[ExecutionId, list[TaskId]] = {}
+        # The newest task row of each (execution, task name): latest_tasks reads only these.
+        self.latest: dict[tuple[ExecutionId, str], TaskId] = {}
         self.request_ids: dict[str, ExecutionId] = {}
         self.timers: dict[str, TimerRecord] = {}
         self.history: list[HistoryEntry] = []
+        # QUEUED assignment ids in queue order, so that claims do not scan everything.
+        self.queued: dict[AssignmentId, None] = {}
+
+    def put_assignment(self, assignment: AssignmentRecord) -> None:
+        self.assignments[assignment.id] = assignment
+        if assignment.state == AssignmentState.QUEUED:
+            self.queued.setdefault(assignment.id, None)
+        else:
+            self.queued.pop(assignment.id, None)
 
 
 class MemoryTransaction:
@@ -88,11 +99,18 @@ class MemoryTransaction:
     async def latest_tasks(
         self, execution_id: ExecutionId, names: Collection[str]
     ) -> dict[str, TaskRecord]:
-        wanted = set(names)
         found: dict[str, TaskRecord] = {}
-        for task in self._tasks_of(execution_id):
-            if task.name in wanted:
-                found[task.name] = task
+        for name in names:
+            task_id = self._t.latest.get((execution_id, name))
+            if task_id is not None:
+                task = self._task(task_id)
+                if task is not None:
+                    found[name] = task
+        for task in self.tasks.values():  # this transaction's own rows
+            if task.execution_id == execution_id and task.name in names:
+                known = found.get(task.name)
+                if known is None or known.seq <= task.seq:
+                    found[task.name] = task
         return found
 
     async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
@@ -205,12 +223,17 @@ class MemoryTransaction:
             if task.id not in t.tasks:
                 t.task_ids_by_execution.setdefault(task.execution_id, []).append(task.id)
             t.tasks[task.id] = task
-        t.assignments.update(self.assignments)
+            key = (task.execution_id, task.name)
+            newest = t.latest.get(key)
+            if newest is None or t.tasks[newest].seq <= task.seq:
+                t.latest[key] = task.id
+        for assignment in self.assignments.values():
+            t.put_assignment(assignment)
         for execution_id in self.cancelled:
             for a in list(t.assignments.values()):
                 held = a.state in (AssignmentState.QUEUED, AssignmentState.HELD)
                 if a.execution_id == execution_id and held:
-                    t.assignments[a.id] = replace(a, state=AssignmentState.CANCELLED)
+                    t.put_assignment(replace(a, state=AssignmentState.CANCELLED))
 
 
 class MemoryStore:
@@ -294,18 +317,21 @@ class MemoryStore:
     ) -> list[AssignmentRecord]:
         claimed: list[AssignmentRecord] = []
         async with self._lock:
-            for a in list(self._t.assignments.values()):
+            queue = self._t.queued
+            order = sorted(queue, key=lambda i: self._t.assignments[i].created_at)  # stable: FIFO
+            for assignment_id in order:
                 if len(claimed) >= limit:
                     break
+                a = self._t.assignments[assignment_id]
                 allowed = a.target is None or a.target in targets
-                if a.state == AssignmentState.QUEUED and a.action in actions and allowed:
+                if a.action in actions and allowed:
                     leased = replace(
                         a,
                         state=AssignmentState.LEASED,
                         worker_id=worker_id,
                         lease_expires_at=min(lease_until, a.deadline or lease_until),
                     )
-                    self._t.assignments[a.id] = leased
+                    self._t.put_assignment(leased)
                     claimed.append(leased)
         return claimed
 
@@ -317,9 +343,9 @@ class MemoryStore:
             for a in list(self._t.assignments.values()):
                 leased = a.worker_id == worker_id and a.state == AssignmentState.LEASED
                 if leased and a.id not in keep:
-                    self._t.assignments[a.id] = replace(
+                    self._t.put_assignment(replace(
                         a, state=AssignmentState.QUEUED, worker_id=None, lease_expires_at=None
-                    )
+                    ))
                     released += 1
         return released
 
@@ -331,16 +357,16 @@ class MemoryStore:
                 a = self._t.assignments.get(assignment_id)
                 if a is not None and a.worker_id == worker_id and a.state == AssignmentState.LEASED:
                     capped = min(lease_until, a.deadline or lease_until)
-                    self._t.assignments[a.id] = replace(a, lease_expires_at=capped)
+                    self._t.put_assignment(replace(a, lease_expires_at=capped))
 
     async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
         async with self._lock:
             a = self._t.assignments.get(assignment_id)
             if a is None or a.state not in (AssignmentState.LEASED, AssignmentState.QUEUED):
                 return False
-            self._t.assignments[a.id] = replace(
+            self._t.put_assignment(replace(
                 a, state=AssignmentState.DEFERRED, lease_expires_at=None
-            )
+            ))
             return True
 
     async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:

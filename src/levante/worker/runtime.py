@@ -346,7 +346,9 @@ class _Worker:
     async def _heartbeat(self, outbox: _Outbox) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_seconds)
-            if self._held and self._outbox is outbox:
+            # Sent even when holding nothing: it tells the engine this worker is alive
+            # (a worker whose lease ran out gets no new work until it is heard from).
+            if self._outbox is outbox:
                 outbox.put_nowait(
                     pb.WorkerMessage(heartbeat=pb.Heartbeat(task_ids=list(self._held)))
                 )
