@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         help=f"run only this scenario (repeatable): {', '.join(SCENARIOS)}",
     )
     p.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
+    p.add_argument(
+        "--replicas", type=int, default=1,
+        help="engine processes sharing the store, workers spread over them (default 1); "
+        "the engine CPU figures are those of the first replica",
+    )  # fmt: skip
     p.add_argument("--concurrency", type=int, default=50, help="per worker (default 50)")
     p.add_argument(
         "--profile-engine",
@@ -129,6 +134,7 @@ async def _bench(args: argparse.Namespace, command: str) -> int:
                         run_dir=workdir / f"{name}-{store}-{run}",
                         quick=args.quick,
                         workers=args.workers,
+                        replicas=args.replicas,
                         concurrency=args.concurrency,
                         profile_dir=args.profile_engine if scenario.uses_server else None,
                         notes=notes,

@@ -179,7 +179,10 @@ class Cluster:
         workers: int = 2,
         concurrency: int = 50,
         profile: Path | None = None,
+        replicas: int = 1,
     ) -> None:
+        self.replicas = replicas
+        self.extra_servers: list[ChildProcess] = []  # replicas 2..N on the same store
         self.store_url = store_url
         self.run_dir = run_dir
         self.worker_count = workers
@@ -201,6 +204,17 @@ class Cluster:
         self.address = line.rsplit(" ", 1)[1].strip()
         if not self.address.startswith("127.0.0.1:"):
             raise BenchError(f"the engine listens on {self.address}, not on 127.0.0.1")
+        addresses = [self.address]
+        for r in range(1, self.replicas):
+            replica = ChildProcess(
+                f"engine-{r}",
+                ["serve", "--store", self.store_url, "--listen", "127.0.0.1:0"],
+                self.run_dir,
+            )
+            self.extra_servers.append(replica)
+            line = await replica.wait_for_line("levante listening on ", deadline)
+            addresses.append(line.rsplit(" ", 1)[1].strip())
+        servers = [self.server, *self.extra_servers]
         for i in range(self.worker_count):
             self.workers.append(
                 ChildProcess(
@@ -208,7 +222,7 @@ class Cluster:
                     [
                         "worker",
                         "--engine",
-                        self.address,
+                        addresses[i % len(addresses)],
                         "--concurrency",
                         str(self.concurrency),
                         "--worker-id",
@@ -220,7 +234,7 @@ class Cluster:
         # The dispatcher logs each worker's attachment; measure only once all are there.
         for i, worker in enumerate(self.workers):
             await worker.wait_for_line("levante worker serving", deadline)
-            await self.server.wait_for_line(f"worker bench-w{i} attached", deadline)
+            await servers[i % len(servers)].wait_for_line(f"worker bench-w{i} attached", deadline)
         return self
 
     @property
@@ -229,7 +243,7 @@ class Cluster:
         return self.server.pid
 
     def check_alive(self) -> None:
-        for child in [self.server, *self.workers]:
+        for child in [self.server, *self.extra_servers, *self.workers]:
             if child is not None and not child.alive:
                 raise BenchError(
                     f"{child.name} (pid {child.pid}) exited with {child.proc.returncode}:\n"
@@ -260,6 +274,7 @@ class Cluster:
             worker.signal_stop()
         for worker in self.workers:
             worker.wait_stopped()
-        if self.server is not None:
-            self.server.signal_stop()
-            self.server.wait_stopped()
+        for server in [self.server, *self.extra_servers]:
+            if server is not None:
+                server.signal_stop()
+                server.wait_stopped()

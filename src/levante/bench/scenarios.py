@@ -71,6 +71,7 @@ class RunContext:
     quick: bool = False
     workers: int = 2
     concurrency: int = 50
+    replicas: int = 1  # engine processes sharing the store; workers spread over them
     profile_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
     deadline: float = 0.0  # time.monotonic() past which the run fails
@@ -99,6 +100,7 @@ class RunContext:
             workers=self.workers,
             concurrency=self.concurrency,
             profile=profile,
+            replicas=self.replicas,
         )
         try:
             await cluster.start()
