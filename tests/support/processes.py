@@ -129,7 +129,7 @@ class EngineServer:
             ["serve", "--store", self.store, "--listen", f"127.0.0.1:{self.port}", *self.extra]
         )
         self.history.append(self.process)
-        line = self.process.wait_for_line("levante listening on ")
+        line = self.process.wait_for_line("levante listening on ", timeout=60)
         self.port = int(line.rsplit(":", 1)[1])
         return self
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -149,12 +149,31 @@ SQLITE_BUSY_MS = 2  # SQLite's own wait for the write lock, before ours takes ov
 LOCK_WAIT_SECONDS = 60.0
 
 
+async def _switch_to_wal(db: aiosqlite.Connection) -> None:
+    """WAL mode, set once per file: a file already in WAL is only read, never locked."""
+    async with db.execute("PRAGMA journal_mode") as cur:
+        row = await cur.fetchone()
+    if row is None or str(row[0]).lower() != "wal":
+        await db.execute("PRAGMA journal_mode=WAL")
+
+
+async def _begin(db: aiosqlite.Connection) -> None:
+    await db.execute("BEGIN IMMEDIATE")
+
+
 async def _begin_immediate(db: aiosqlite.Connection) -> None:
     """BEGIN IMMEDIATE, waiting for other processes' write lock in short random steps."""
+    await _with_lock_retries(db, _begin)
+
+
+async def _with_lock_retries(
+    db: aiosqlite.Connection, step: Callable[[aiosqlite.Connection], Awaitable[None]]
+) -> None:
+    """Run ``step``, retrying in short random sleeps while another process holds the lock."""
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            await db.execute("BEGIN IMMEDIATE")
+            await step(db)
             return
         except aiosqlite.OperationalError as e:
             if "locked" not in str(e) and "busy" not in str(e):
@@ -376,12 +395,9 @@ class SqliteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        # Switching a new file to WAL takes a lock that another process opening the
-        # file at the same moment may hold: SQLite's own (long) wait is right here.
-        await db.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+        await _with_lock_retries(db, _switch_to_wal)
+        await db.execute("PRAGMA synchronous=NORMAL")
         return db
 
     async def open(self) -> None:
