@@ -78,7 +78,8 @@ class LevanteProcess:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or (self.proc.poll() is not None and self._new_lines.empty()):
                 if os.environ.get("LEVANTE_DEBUG_DUMP") and self.proc.poll() is None:
-                    subprocess.run(["py-spy", "dump", "--pid", str(self.proc.pid)], check=False)
+                    subprocess.run(["py-spy", "dump", "--native", "--pid", str(self.proc.pid)],
+                                   check=False)
                 raise TimeoutError(
                     f"no line starting {prefix!r} from levante {self.args}; output:\n"
                     + "\n".join(self.lines[-50:])

@@ -73,7 +73,9 @@ class WorkersService(pb_grpc.WorkersServicer):
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
-            await self._dispatcher.detach(session)
+            # Shielded: when the stream ends by cancellation, the release must still finish,
+            # or the worker's assignments would wait for their leases to run out.
+            await asyncio.shield(self._dispatcher.detach(session))
 
     async def _read(
         self,

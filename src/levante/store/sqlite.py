@@ -395,16 +395,24 @@ class SqliteStore:
 
     async def _connect(self) -> aiosqlite.Connection:
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-        await _with_lock_retries(db, _switch_to_wal)
-        await db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
+            await _with_lock_retries(db, _switch_to_wal)
+            await db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            await db.close()  # its thread would otherwise keep the process alive
+            raise
         return db
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._writer = await self._connect()
-        await self._migrate(self._writer)
-        self._reader = await self._connect()
+        try:
+            await self._migrate(self._writer)
+            self._reader = await self._connect()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         for db in (self._reader, self._writer):
