@@ -565,3 +565,33 @@ wf:
             await asyncio.sleep(0.01)
         info = await untargeted.status(execution_id)
         assert info.state == "RUNNING" and info.tasks[0].state == "RUNNING"
+
+
+async def test_subworkflows_follow_their_parent_through_pause_and_cancel() -> None:
+    async with LocalEngine() as local:
+        await local.register("""
+version: '2.0'
+parent:
+  tasks:
+    call:
+      workflow: child
+child:
+  tasks:
+    hold:
+      action: std.async_noop
+""")
+        execution_id = await local.start("parent")
+        info = await wait_state(local, execution_id, "RUNNING")
+        while not info.tasks or not info.tasks[0].assignment_id:
+            info = await local.status(execution_id)
+            await asyncio.sleep(0.005)
+        child_id = info.tasks[0].assignment_id
+        await wait_state(local, child_id, "RUNNING")
+        await local.pause(execution_id)
+        assert (await local.status(child_id)).state == "PAUSED"
+        await local.resume(execution_id)
+        assert (await local.status(child_id)).state == "RUNNING"
+        await local.cancel(execution_id)
+        child = await local.status(child_id)
+        assert child.state == "CANCELLED"
+        assert [t.state for t in child.tasks] == ["CANCELLED"]

@@ -87,8 +87,9 @@ def cancel(step: Step, reason: str) -> None:
         state=ExecutionState.CANCELLED, state_info=reason, output={"result": reason},
         active_tasks=0, waiting_tasks=0, backlog=(),
     )  # fmt: skip
-    step.commands.append(CancelExecutionWork(step.execution.id))
+    # Children first: voiding the parent's work also voids the handles of its children.
     step.commands.append(PropagateToChildren(step.execution.id, "cancel"))
+    step.commands.append(CancelExecutionWork(step.execution.id))
 
 
 def rerun(step: Step, task_name: str) -> None:
