@@ -802,29 +802,6 @@ async def test_release_extend_expire_and_defer(store: Store) -> None:
     assert [a.id for a in await store.expired_leases(1e12, 10)] == [ids[0]]
 
 
-async def test_cancel_queued_assignments_spares_the_running_and_other_executions(
-    store: Store,
-) -> None:
-    await commit(
-        store,
-        assignments=[
-            assignment(1, created_at=1.0),
-            assignment(2, state=AssignmentState.HELD, created_at=2.0),
-            assignment(3, state=AssignmentState.LEASED, worker_id="w", created_at=3.0),
-            assignment(4, execution_id="e2", created_at=4.0),
-        ],
-    )
-    async with store.transaction() as tx:
-        await tx.cancel_queued_assignments(ExecutionId("e1"))
-    found = [await store.get_assignment(AssignmentId(f"a{n}")) for n in range(1, 5)]
-    assert [a.state for a in found if a] == [
-        AssignmentState.CANCELLED,
-        AssignmentState.CANCELLED,
-        AssignmentState.LEASED,
-        AssignmentState.QUEUED,
-    ]
-
-
 async def test_unfinished_tasks_are_those_not_final_in_seq_order(store: Store) -> None:
     e = ExecutionId("e1")
     states = list(TaskState)

@@ -27,7 +27,6 @@ from levante.core.model import (
     AssignmentState,
     BacklogResumed,
     CancelExecutionWork,
-    CancelQueuedAssignments,
     CancelTimer,
     ChildExecutionEnded,
     Decision,
@@ -542,8 +541,6 @@ class Engine:
                             await tx.announce([a.action])
                     case VoidAssignment(assignment_id=void_id, reason=reason):
                         effects.voided[void_id] = reason
-                    case CancelQueuedAssignments(execution_id=execution_id):
-                        await tx.cancel_queued_assignments(execution_id)
                     case FailTaskAssignments(task_id=task_id, error=error):
                         await tx.fail_task_assignments(task_id, error)
                         effects.voided[task_id] = "the task timed out"

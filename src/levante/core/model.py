@@ -312,13 +312,6 @@ class DispatchAssignment:
 
 
 @dataclass(frozen=True)
-class CancelQueuedAssignments:
-    """The execution ended: assignments not yet handed out must never be."""
-
-    execution_id: ExecutionId
-
-
-@dataclass(frozen=True)
 class StartTimer:
     timer: TimerRecord
 
@@ -390,7 +383,6 @@ Command = (
     | ResumeAssignments
     | CancelExecutionWork
     | PropagateToChildren
-    | CancelQueuedAssignments
     | FailTaskAssignments
     | StartTimer
     | CancelTimer

@@ -54,7 +54,6 @@ class MemoryTransaction:
         self.executions: dict[ExecutionId, ExecutionRecord] = {}
         self.tasks: dict[TaskId, TaskRecord] = {}
         self.assignments: dict[AssignmentId, AssignmentRecord] = {}
-        self.cancelled: list[ExecutionId] = []
         self.new_timers: dict[str, TimerRecord] = {}
         self.new_history: list[HistoryEntry] = []
         self.gone_timers: set[str] = set()
@@ -131,9 +130,6 @@ class MemoryTransaction:
         merged = {a.id: a for a in self._t.assignments.values() if a.task_id == task_id}
         merged.update({a.id: a for a in self.assignments.values() if a.task_id == task_id})
         return sorted(merged.values(), key=lambda a: a.created_at)
-
-    async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
-        self.cancelled.append(execution_id)
 
     async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
         return [t for t in self._tasks_of(execution_id) if not t.state.is_final]
@@ -229,11 +225,6 @@ class MemoryTransaction:
                 t.latest[key] = task.id
         for assignment in self.assignments.values():
             t.put_assignment(assignment)
-        for execution_id in self.cancelled:
-            for a in list(t.assignments.values()):
-                held = a.state in (AssignmentState.QUEUED, AssignmentState.HELD)
-                if a.execution_id == execution_id and held:
-                    t.put_assignment(replace(a, state=AssignmentState.CANCELLED))
 
 
 class MemoryStore:

@@ -337,14 +337,6 @@ class PostgresTransaction:
             )
         return [rows.assignment_from_row(r) for r in found]
 
-    async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
-        with _Failing(f"cannot cancel the queued assignments of execution {execution_id}"):
-            await self._conn.execute(
-                "UPDATE assignments SET state='CANCELLED' "
-                "WHERE execution_id=$1 AND state IN ('QUEUED', 'HELD')",
-                execution_id,
-            )
-
     async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
         with _Failing(f"cannot read the unfinished tasks of execution {execution_id}"):
             found = await self._conn.fetch(

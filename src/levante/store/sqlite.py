@@ -296,13 +296,6 @@ class SqliteTransaction:
         )
         return [rows.assignment_from_row(r) for r in found]
 
-    async def cancel_queued_assignments(self, execution_id: ExecutionId) -> None:
-        await self._db.execute(
-            "UPDATE assignments SET state='CANCELLED' "
-            "WHERE execution_id=? AND state IN ('QUEUED', 'HELD')",
-            (execution_id,),
-        )
-
     async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
         found = await self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? "
