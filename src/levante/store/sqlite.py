@@ -2,11 +2,14 @@
 
 Writers go through one connection and take SQLite's write lock with BEGIN IMMEDIATE,
 so transactions of this process are serialised by an asyncio lock and those of other
-processes sharing the file by SQLite's lock. Waiting for that lock is done here, in
-short randomised steps: SQLite's own busy handler backs off to 100 ms sleeps, and a
-process that waits that way starves behind a busy replica that retakes the lock at once.
-Reads outside transactions use a second connection, which in WAL mode sees the last
-commit and never blocks.
+processes sharing the file by SQLite's lock. Statements run inline on the event loop's
+thread (stdlib ``sqlite3``): a statement costs microseconds, a hop to a database thread
+and back costs more than that, and a transaction never awaits anything but the lock.
+Waiting for another process's lock is done here, in short randomised asyncio sleeps
+(``busy_timeout`` is 0): SQLite's own busy handler would block the event loop, and it
+backs off to 100 ms sleeps, starving behind a busy replica that retakes the lock at once.
+Reads outside transactions use other connections, which in WAL mode see the last commit
+and never block; those that may return many rows run on aiosqlite's thread.
 
 synchronous=NORMAL in WAL mode survives a killed process (kill -9) without losing a
 committed transaction; only a power cut may lose the last few.
@@ -16,11 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -144,40 +148,38 @@ MIGRATIONS: dict[int, str] = {
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
+T = TypeVar("T")
 
-SQLITE_BUSY_MS = 2  # SQLite's own wait for the write lock, before ours takes over
+
 LOCK_WAIT_SECONDS = 60.0
+READER_BUSY_MS = 100  # readers wait only while another process recovers the WAL
 
 
-async def _switch_to_wal(db: aiosqlite.Connection) -> None:
+def _switch_to_wal(db: sqlite3.Connection) -> None:
     """WAL mode, set once per file: a file already in WAL is only read, never locked."""
-    async with db.execute("PRAGMA journal_mode") as cur:
-        row = await cur.fetchone()
+    row = db.execute("PRAGMA journal_mode").fetchone()
     if row is None or str(row[0]).lower() != "wal":
-        await db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA journal_mode=WAL")
 
 
-async def _begin(db: aiosqlite.Connection) -> None:
-    await db.execute("BEGIN IMMEDIATE")
+def _is_lock_error(e: sqlite3.OperationalError) -> bool:
+    text = str(e)
+    return "locked" in text or "busy" in text
 
 
-async def _begin_immediate(db: aiosqlite.Connection) -> None:
-    """BEGIN IMMEDIATE, waiting for other processes' write lock in short random steps."""
-    await _with_lock_retries(db, _begin)
+async def _with_lock_retries(step: Callable[[], T]) -> T:
+    """Run ``step``, retrying in short random sleeps while another process holds the lock.
 
-
-async def _with_lock_retries(
-    db: aiosqlite.Connection, step: Callable[[aiosqlite.Connection], Awaitable[None]]
-) -> None:
-    """Run ``step``, retrying in short random sleeps while another process holds the lock."""
+    ``busy_timeout`` is 0, so a held lock answers at once and the event loop never blocks
+    in SQLite's own busy handler; the waiting is done here, between other work.
+    """
     deadline = time.monotonic() + LOCK_WAIT_SECONDS
     while True:
         try:
-            await step(db)
-            return
-        except aiosqlite.OperationalError as e:
-            if "locked" not in str(e) and "busy" not in str(e):
-                raise StoreError(f"cannot begin a transaction: {e}") from e
+            return step()
+        except sqlite3.OperationalError as e:
+            if not _is_lock_error(e):
+                raise StoreError(f"SQLite: {e}") from e
             if time.monotonic() > deadline:
                 raise StoreError(
                     f"the store stayed locked by another process for {LOCK_WAIT_SECONDS} s"
@@ -204,41 +206,45 @@ _UPSERT_TASK = _upsert_sql("tasks", rows.TASK_COLUMNS)
 _UPSERT_ASSIGNMENT = _upsert_sql("assignments", rows.ASSIGNMENT_COLUMNS)
 _UPSERT_EXECUTION = _upsert_sql("executions", rows.EXECUTION_COLUMNS)
 _TIMER_COLS = ", ".join(rows.TIMER_COLUMNS)
+_LATEST_TASK = (
+    f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? AND name=? ORDER BY seq DESC LIMIT 1"
+)
 
 
 class SqliteTransaction:
-    """One BEGIN IMMEDIATE ... COMMIT on the writer connection."""
+    """One BEGIN IMMEDIATE ... COMMIT on the writer connection.
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
+    Statements run inline on the event loop's thread: each costs microseconds, less than
+    a hop to a database thread and back, and nothing in a transaction waits for I/O
+    other than the file.
+    """
+
+    def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
-    async def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        async with self._db.execute(sql, params) as cur:
-            return await cur.fetchone()
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self._db.execute(sql, params).fetchone()
 
-    async def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._db.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._db.execute(sql, params).fetchall()
 
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         # BEGIN IMMEDIATE already holds the database's write lock.
-        row = await self._one(
-            f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=?", (execution_id,)
-        )
+        row = self._one(f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=?", (execution_id,))
         return None if row is None else rows.execution_from_row(row)
 
     async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None:
-        row = await self._one("SELECT id FROM executions WHERE request_id=?", (request_id,))
+        row = self._one("SELECT id FROM executions WHERE request_id=?", (request_id,))
         return None if row is None else ExecutionId(row[0])
 
     async def insert_execution(self, execution: ExecutionRecord) -> None:
         try:
-            await self._db.execute(
+            self._db.execute(
                 f"INSERT INTO executions ({_EXECUTION_COLS}) "
                 f"VALUES ({_placeholders(len(rows.EXECUTION_COLUMNS))})",
                 rows.execution_row(execution),
             )
-        except aiosqlite.IntegrityError as e:
+        except sqlite3.IntegrityError as e:
             if "request_id" in str(e):
                 raise RequestIdTakenError(
                     f"request_id '{execution.request_id}' belongs to another execution"
@@ -246,10 +252,10 @@ class SqliteTransaction:
             raise StoreError(f"cannot insert execution {execution.id}: {e}") from e
 
     async def update_execution(self, execution: ExecutionRecord) -> None:
-        await self._db.execute(_UPSERT_EXECUTION, rows.execution_row(execution))
+        self._db.execute(_UPSERT_EXECUTION, rows.execution_row(execution))
 
     async def get_task(self, task_id: TaskId) -> TaskRecord | None:
-        row = await self._one(f"SELECT {_TASK_COLS} FROM tasks WHERE id=?", (task_id,))
+        row = self._one(f"SELECT {_TASK_COLS} FROM tasks WHERE id=?", (task_id,))
         return None if row is None else rows.task_from_row(row)
 
     async def latest_tasks(
@@ -257,17 +263,13 @@ class SqliteTransaction:
     ) -> dict[str, TaskRecord]:
         found: dict[str, TaskRecord] = {}
         for name in names:
-            row = await self._one(
-                f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? AND name=? "
-                "ORDER BY seq DESC LIMIT 1",
-                (execution_id, name),
-            )
+            row = self._one(_LATEST_TASK, (execution_id, name))
             if row is not None:
                 found[name] = rows.task_from_row(row)
         return found
 
     async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
-        found = await self._all(
+        found = self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? AND state='WAITING' ORDER BY seq",
             (execution_id,),
         )
@@ -275,29 +277,25 @@ class SqliteTransaction:
 
     async def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
         if tasks:
-            await self._db.executemany(_UPSERT_TASK, [rows.task_row(t) for t in tasks])
+            self._db.executemany(_UPSERT_TASK, [rows.task_row(t) for t in tasks])
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
-        row = await self._one(
-            f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,)
-        )
+        row = self._one(f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,))
         return None if row is None else rows.assignment_from_row(row)
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         if assignments:
-            await self._db.executemany(
-                _UPSERT_ASSIGNMENT, [rows.assignment_row(a) for a in assignments]
-            )
+            self._db.executemany(_UPSERT_ASSIGNMENT, [rows.assignment_row(a) for a in assignments])
 
     async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
-        found = await self._all(
+        found = self._all(
             f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE task_id=? ORDER BY rowid",
             (task_id,),
         )
         return [rows.assignment_from_row(r) for r in found]
 
     async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
-        found = await self._all(
+        found = self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? "
             "AND state NOT IN ('SUCCESS', 'ERROR', 'CANCELLED') ORDER BY seq",
             (execution_id,),
@@ -305,41 +303,41 @@ class SqliteTransaction:
         return [rows.task_from_row(r) for r in found]
 
     async def pause_assignments(self, execution_id: ExecutionId) -> None:
-        await self._db.execute(
+        self._db.execute(
             "UPDATE assignments SET state='PAUSED' WHERE execution_id=? AND state='QUEUED'",
             (execution_id,),
         )
 
     async def resume_assignments(self, execution_id: ExecutionId) -> None:
-        await self._db.execute(
+        self._db.execute(
             "UPDATE assignments SET state='QUEUED' WHERE execution_id=? AND state='PAUSED'",
             (execution_id,),
         )
 
     async def queued_actions(self, execution_id: ExecutionId) -> set[str]:
-        found = await self._all(
+        found = self._all(
             "SELECT DISTINCT action FROM assignments WHERE execution_id=? AND state='QUEUED'",
             (execution_id,),
         )
         return {r[0] for r in found}
 
     async def cancel_execution_work(self, execution_id: ExecutionId) -> None:
-        await self._db.execute(
+        self._db.execute(
             "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
             "WHERE execution_id=? AND state NOT IN ('DONE', 'CANCELLED')",
             (execution_id,),
         )
-        await self._db.execute("DELETE FROM timers WHERE execution_id=?", (execution_id,))
+        self._db.execute("DELETE FROM timers WHERE execution_id=?", (execution_id,))
 
     async def child_execution_ids(self, execution_id: ExecutionId) -> list[ExecutionId]:
-        found = await self._all(
+        found = self._all(
             "SELECT id FROM assignments WHERE execution_id=? AND state='CHILD' ORDER BY rowid",
             (execution_id,),
         )
         return [ExecutionId(r[0]) for r in found]
 
     async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
-        await self._db.execute(
+        self._db.execute(
             "UPDATE assignments SET state='DONE', worker_id=NULL, lease_expires_at=NULL, "
             "outcome_ok=0, outcome=? WHERE task_id=? AND state NOT IN ('DONE', 'CANCELLED')",
             (rows.dump(error), task_id),
@@ -350,7 +348,7 @@ class SqliteTransaction:
 
     async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
         if entries:
-            await self._db.executemany(
+            self._db.executemany(
                 "INSERT INTO history (execution_id, kind, task_id, task_name, state, "
                 "state_info, cause, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(e.execution_id, e.kind, e.task_id, e.task_name, e.state, e.state_info,
@@ -359,7 +357,7 @@ class SqliteTransaction:
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
         if timers:
-            await self._db.executemany(
+            self._db.executemany(
                 f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_placeholders(6)}) "
                 "ON CONFLICT(id) DO NOTHING",
                 [rows.timer_row(t) for t in timers],
@@ -368,62 +366,67 @@ class SqliteTransaction:
     async def delete_timers(self, timer_ids: Collection[str]) -> None:
         ids = list(timer_ids)
         if ids:
-            await self._db.execute(
-                f"DELETE FROM timers WHERE id IN ({_placeholders(len(ids))})", ids
-            )
+            self._db.execute(f"DELETE FROM timers WHERE id IN ({_placeholders(len(ids))})", ids)
 
     async def take_timer(self, timer_id: str) -> TimerRecord | None:
-        row = await self._one(
-            f"DELETE FROM timers WHERE id=? RETURNING {_TIMER_COLS}", (timer_id,)
-        )
+        row = self._one(f"DELETE FROM timers WHERE id=? RETURNING {_TIMER_COLS}", (timer_id,))
         return None if row is None else rows.timer_from_row(row)
 
 
 class SqliteStore:
+    """Writes and point reads run inline on stdlib ``sqlite3`` connections; reads that
+    may return many rows (status views, listings, history) run on aiosqlite's thread so
+    that a large execution never stalls the event loop."""
+
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
-        self._writer: aiosqlite.Connection | None = None
-        self._reader: aiosqlite.Connection | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._bulk: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
 
-    async def _connect(self) -> aiosqlite.Connection:
-        db = await aiosqlite.connect(self.path, isolation_level=None)
+    async def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            await db.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_MS}")
-            await _with_lock_retries(db, _switch_to_wal)
-            await db.execute("PRAGMA synchronous=NORMAL")
+            db.execute("PRAGMA busy_timeout=0")
+            await _with_lock_retries(lambda: _switch_to_wal(db))
+            db.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
-            await db.close()  # its thread would otherwise keep the process alive
+            db.close()
             raise
         return db
 
     async def open(self) -> None:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._writer = await self._connect()
         try:
+            self._writer = await self._connect()
             await self._migrate(self._writer)
             self._reader = await self._connect()
+            self._reader.execute(f"PRAGMA busy_timeout={READER_BUSY_MS}")
+            self._bulk = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._bulk.execute(f"PRAGMA busy_timeout={READER_BUSY_MS}")
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
+        if self._bulk is not None:
+            await self._bulk.close()
         for db in (self._reader, self._writer):
             if db is not None:
-                await db.close()
-        self._reader = self._writer = None
+                db.close()
+        self._reader = self._writer = self._bulk = None
 
     @staticmethod
-    async def _migrate(db: aiosqlite.Connection) -> None:
+    async def _migrate(db: sqlite3.Connection) -> None:
         """Apply missing migrations, each recorded in the same transaction as its DDL."""
-        await _begin_immediate(db)
+        await _with_lock_retries(lambda: db.execute("BEGIN IMMEDIATE"))
         try:
-            await db.execute(
+            db.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations "
                 "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
             )
-            async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations") as c:
-                row = await c.fetchone()
+            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
             current = int(row[0]) if row else 0
             if current > SCHEMA_VERSION:
                 raise StoreError(
@@ -433,46 +436,69 @@ class SqliteStore:
             for version in range(current + 1, SCHEMA_VERSION + 1):
                 for statement in MIGRATIONS[version].split(";"):
                     if statement.strip():
-                        await db.execute(statement)
-                await db.execute(
+                        db.execute(statement)
+                db.execute(
                     "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
                     (version, time.time()),
                 )
-            await db.execute("COMMIT")
+            db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            db.execute("ROLLBACK")
             raise
 
     @property
-    def _w(self) -> aiosqlite.Connection:
+    def _w(self) -> sqlite3.Connection:
         if self._writer is None:
             raise StoreError("the store is not open")
         return self._writer
 
     @property
-    def _r(self) -> aiosqlite.Connection:
+    def _r(self) -> sqlite3.Connection:
         if self._reader is None:
             raise StoreError("the store is not open")
         return self._reader
+
+    @property
+    def _b(self) -> aiosqlite.Connection:
+        if self._bulk is None:
+            raise StoreError("the store is not open")
+        return self._bulk
+
+    def _read_one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        try:
+            return self._r.execute(sql, params).fetchone()
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"SQLite: {e}") from e
+
+    def _read_all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return self._r.execute(sql, params).fetchall()
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"SQLite: {e}") from e
+
+    async def _read_bulk(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        async with self._b.execute(sql, params) as cur:
+            return list(await cur.fetchall())
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
         async with self._write_lock:
             db = self._w
-            await _begin_immediate(db)
+            await _with_lock_retries(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 yield SqliteTransaction(db)
             except BaseException:
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
             try:
-                await db.execute("COMMIT")
-            except aiosqlite.Error as e:
-                await db.execute("ROLLBACK")
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise StoreError(f"commit failed: {e}") from e
 
     @asynccontextmanager
-    async def _write(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _write(self) -> AsyncIterator[sqlite3.Connection]:
         """A short write transaction for queue operations."""
         async with self.transaction():
             yield self._w
@@ -483,13 +509,12 @@ class SqliteStore:
         self, text: str, workflow_names: Sequence[str], now: float
     ) -> DefinitionId:
         async with self._write() as db:
-            async with db.execute(
+            row = db.execute(
                 "INSERT INTO definitions (text, created_at) VALUES (?, ?) RETURNING id", (text, now)
-            ) as cur:
-                row = await cur.fetchone()
+            ).fetchone()
             assert row is not None
             definition_id = DefinitionId(int(row[0]))
-            await db.executemany(
+            db.executemany(
                 "INSERT INTO workflows (name, definition_id, updated_at) VALUES (?, ?, ?) "
                 "ON CONFLICT(name) DO UPDATE SET definition_id=excluded.definition_id, "
                 "updated_at=excluded.updated_at",
@@ -498,35 +523,29 @@ class SqliteStore:
         return definition_id
 
     async def find_workflow(self, name: str) -> StoredDefinition | None:
-        async with self._r.execute(
+        row = self._read_one(
             "SELECT d.id, d.text FROM workflows w JOIN definitions d ON d.id = w.definition_id "
             "WHERE w.name=?",
             (name,),
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else StoredDefinition(DefinitionId(int(row[0])), row[1])
 
     async def get_definition(self, definition_id: DefinitionId) -> StoredDefinition | None:
-        async with self._r.execute(
-            "SELECT id, text FROM definitions WHERE id=?", (definition_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        row = self._read_one("SELECT id, text FROM definitions WHERE id=?", (definition_id,))
         return None if row is None else StoredDefinition(DefinitionId(int(row[0])), row[1])
 
     # -- executions
 
     async def get_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
-        async with self._r.execute(
+        row = self._read_one(
             f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=?", (execution_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else rows.execution_from_row(row)
 
     async def list_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
-        async with self._r.execute(
+        found = await self._read_bulk(
             f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? ORDER BY seq", (execution_id,)
-        ) as cur:
-            found = await cur.fetchall()
+        )
         return [rows.task_from_row(r) for r in found]
 
     async def list_executions(
@@ -549,30 +568,27 @@ class SqliteStore:
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             params += [before[0], before[0], before[1]]
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        async with self._r.execute(
+        found = await self._read_bulk(
             f"SELECT {_EXECUTION_COLS} FROM executions {clause} "
             "ORDER BY created_at DESC, id DESC LIMIT ?",
             (*params, limit),
-        ) as cur:
-            found = await cur.fetchall()
+        )
         return [rows.execution_from_row(r) for r in found]
 
     async def history(
         self, execution_id: ExecutionId, after_seq: int = 0, limit: int = 10_000
     ) -> list[HistoryEntry]:
-        async with self._r.execute(
+        found = await self._read_bulk(
             "SELECT seq, execution_id, kind, task_id, task_name, state, state_info, cause, at "
             "FROM history WHERE execution_id=? AND seq>? ORDER BY seq LIMIT ?",
             (execution_id, after_seq, limit),
-        ) as cur:
-            found = await cur.fetchall()
+        )
         return [rows.history_from_row(r) for r in found]
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
-        async with self._r.execute(
+        row = self._read_one(
             f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,)
-        ) as cur:
-            row = await cur.fetchone()
+        )
         return None if row is None else rows.assignment_from_row(row)
 
     # -- the queue
@@ -589,17 +605,17 @@ class SqliteStore:
             return []
         action_list = sorted(actions)
         target_list = sorted(targets)
-        async with self._write() as db, db.execute(
-            f"UPDATE assignments SET state='LEASED', worker_id=?, "
-            f"lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
-            f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
-            f"AND action IN ({_placeholders(len(action_list))}) "
-            f"AND (target IS NULL OR target IN ({_placeholders(len(target_list))})) "
-            f"ORDER BY rowid LIMIT ?) "
-            f"RETURNING {_ASSIGNMENT_COLS}",
-            (worker_id, lease_until, *action_list, *target_list, limit),
-        ) as cur:
-            found = await cur.fetchall()
+        async with self._write() as db:
+            found = db.execute(
+                f"UPDATE assignments SET state='LEASED', worker_id=?, "
+                f"lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
+                f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
+                f"AND action IN ({_placeholders(len(action_list))}) "
+                f"AND (target IS NULL OR target IN ({_placeholders(len(target_list))})) "
+                f"ORDER BY rowid LIMIT ?) "
+                f"RETURNING {_ASSIGNMENT_COLS}",
+                (worker_id, lease_until, *action_list, *target_list, limit),
+            ).fetchall()
         claimed = [rows.assignment_from_row(r) for r in found]
         claimed.sort(key=lambda a: (a.created_at, a.id))
         return claimed
@@ -609,7 +625,7 @@ class SqliteStore:
     ) -> int:
         keep_list = list(keep)
         async with self._write() as db:
-            cur = await db.execute(
+            cur = db.execute(
                 "UPDATE assignments SET state='QUEUED', worker_id=NULL, lease_expires_at=NULL "
                 f"WHERE worker_id=? AND state='LEASED' "
                 f"AND id NOT IN ({_placeholders(len(keep_list))})",
@@ -624,7 +640,7 @@ class SqliteStore:
         if not ids:
             return
         async with self._write() as db:
-            await db.execute(
+            db.execute(
                 f"UPDATE assignments SET lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
                 f"WHERE worker_id=? AND state='LEASED' "
                 f"AND id IN ({_placeholders(len(ids))})",
@@ -633,7 +649,7 @@ class SqliteStore:
 
     async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
         async with self._write() as db:
-            cur = await db.execute(
+            cur = db.execute(
                 "UPDATE assignments SET state='DEFERRED', lease_expires_at=NULL "
                 "WHERE id=? AND state IN ('LEASED', 'QUEUED')",
                 (assignment_id,),
@@ -644,38 +660,30 @@ class SqliteStore:
         return False
 
     async def queued_action_names(self) -> set[str]:
-        async with self._r.execute(
-            "SELECT DISTINCT action FROM assignments WHERE state='QUEUED'"
-        ) as cur:
-            return {r[0] for r in await cur.fetchall()}
+        found = self._read_all("SELECT DISTINCT action FROM assignments WHERE state='QUEUED'")
+        return {r[0] for r in found}
 
     async def expired_leases(self, now: float, limit: int) -> list[AssignmentRecord]:
-        async with self._r.execute(
+        found = self._read_all(
             f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE state='LEASED' "
             "AND lease_expires_at <= ? ORDER BY lease_expires_at LIMIT ?",
             (now, limit),
-        ) as cur:
-            found = await cur.fetchall()
+        )
         return [rows.assignment_from_row(r) for r in found]
 
     async def next_lease_expiry(self) -> float | None:
-        async with self._r.execute(
-            "SELECT MIN(lease_expires_at) FROM assignments WHERE state='LEASED'"
-        ) as cur:
-            row = await cur.fetchone()
+        row = self._read_one("SELECT MIN(lease_expires_at) FROM assignments WHERE state='LEASED'")
         return None if row is None or row[0] is None else float(row[0])
 
     # -- timers
 
     async def due_timers(self, now: float, limit: int) -> list[TimerRecord]:
-        async with self._r.execute(
+        found = self._read_all(
             f"SELECT {_TIMER_COLS} FROM timers WHERE due_at <= ? ORDER BY due_at LIMIT ?",
             (now, limit),
-        ) as cur:
-            found = await cur.fetchall()
+        )
         return [rows.timer_from_row(r) for r in found]
 
     async def next_timer_due(self) -> float | None:
-        async with self._r.execute("SELECT MIN(due_at) FROM timers") as cur:
-            row = await cur.fetchone()
+        row = self._read_one("SELECT MIN(due_at) FROM timers")
         return None if row is None or row[0] is None else float(row[0])
