@@ -1239,3 +1239,102 @@ async def test_postgres_two_replicas_running_one_request_id_start_one_execution(
         assert len(await pg.claim_assignments("w", {"std.echo"}, 10, 1e12)) == 1
     finally:
         await other.close()
+
+
+# -- SQLite group commit: transactions that arrive together share one COMMIT
+
+
+async def test_sqlite_transactions_arriving_together_share_commits_and_all_land(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "group.db")
+    await store.open()
+    try:
+        watcher = await aiosqlite.connect(store.path)
+        async with watcher.execute("PRAGMA data_version") as cur:
+            before = (await cur.fetchone())[0]  # type: ignore[index]
+
+        async def write(n: int) -> None:
+            async with store.transaction() as tx:
+                await tx.insert_execution(execution(n))
+
+        await asyncio.gather(*(write(n) for n in range(200)))
+        # Every member returned after its commit: all 200 rows are visible to a reader.
+        for n in range(200):
+            assert await store.get_execution(execution(n).id) is not None
+        async with watcher.execute("PRAGMA data_version") as cur:
+            after = (await cur.fetchone())[0]  # type: ignore[index]
+        await watcher.close()
+        # data_version changes once per commit seen from another connection; 200
+        # transactions shared far fewer commits than 200.
+        assert 0 < after - before < 100
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_failing_member_of_a_group_leaves_the_others_writes(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "group.db")
+    await store.open()
+    try:
+        async def write(n: int) -> None:
+            async with store.transaction() as tx:
+                await tx.insert_execution(execution(n))
+                if n % 3 == 0:
+                    raise RuntimeError(f"member {n} fails after writing")
+
+        results = await asyncio.gather(*(write(n) for n in range(30)), return_exceptions=True)
+        for n, outcome in enumerate(results):
+            stored = await store.get_execution(execution(n).id)
+            if n % 3 == 0:
+                assert isinstance(outcome, RuntimeError)
+                assert stored is None, f"member {n}'s writes should be rolled back"
+            else:
+                assert outcome is None
+                assert stored is not None
+    finally:
+        await store.close()
+
+
+async def test_sqlite_a_member_cancelled_while_waiting_does_not_strand_the_group(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "group.db")
+    await store.open()
+    try:
+        inside = asyncio.Event()
+        release = asyncio.Event()
+
+        async def first() -> None:
+            async with store.transaction() as tx:
+                await tx.insert_execution(execution(1))
+                inside.set()
+                await release.wait()
+
+        async def waiting(n: int) -> None:
+            async with store.transaction() as tx:
+                await tx.insert_execution(execution(n))
+
+        holder = asyncio.create_task(first())
+        await until(inside)
+        doomed = asyncio.create_task(waiting(2))
+        await asyncio.sleep(0)  # it starts waiting for the writer connection
+        release.set()
+        # The holder leaves while the other still waits, so it keeps the group open for
+        # it and waits for the commit; then the waiting one is cancelled.
+        for _ in range(1000):
+            if not holder.done() and not store._write_lock.locked():
+                break
+            await asyncio.sleep(0)
+        assert store._group is not None and not holder.done()
+        doomed.cancel()
+        await asyncio.wait_for(holder, 10)  # returns only once the group committed
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+        assert await store.get_execution(execution(1).id) is not None
+        assert await store.get_execution(execution(2).id) is None
+        await asyncio.wait_for(waiting(3), 10)  # the writer is free again
+        assert await store.get_execution(execution(3).id) is not None
+    finally:
+        await store.close()

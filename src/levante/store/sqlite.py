@@ -373,6 +373,26 @@ class SqliteTransaction:
         return None if row is None else rows.timer_from_row(row)
 
 
+MAX_GROUP_MEMBERS = 64
+
+
+class _Group:
+    """The transactions sharing one COMMIT; ``committed`` resolves when it lands."""
+
+    def __init__(self, committed: asyncio.Future[None]) -> None:
+        self.committed = committed
+        self.members = 0
+
+    def done(self) -> None:
+        if not self.committed.done():
+            self.committed.set_result(None)
+
+    def fail(self, error: StoreError) -> None:
+        if not self.committed.done():
+            self.committed.set_exception(error)
+            self.committed.exception()  # members that failed themselves never await it
+
+
 class SqliteStore:
     """Writes and point reads run inline on stdlib ``sqlite3`` connections; reads that
     may return many rows (status views, listings, history) run on aiosqlite's thread so
@@ -384,6 +404,8 @@ class SqliteStore:
         self._reader: sqlite3.Connection | None = None
         self._bulk: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
+        self._entrants = 0  # callers waiting for the writer connection
+        self._group: _Group | None = None  # the open group commit, if any
 
     async def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -482,20 +504,72 @@ class SqliteStore:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
-        async with self._write_lock:
+        """One member of a group commit.
+
+        Callers take turns on the writer connection. Each runs inside a SAVEPOINT of a
+        shared BEGIN IMMEDIATE ... COMMIT: when others are already waiting their turn, the
+        group stays open for them and commits once nobody waits (or it is full), so
+        completions that arrive together share one commit. A member returns only after
+        the commit that holds its writes; a member that raises rolls back to its
+        savepoint and leaves the others' writes in place.
+        """
+        self._entrants += 1
+        try:
+            await self._write_lock.acquire()
+        finally:
+            self._entrants -= 1
+            if not self._write_lock.locked():
+                self._flush_if_idle()  # cancelled while waiting: nobody may be left to commit
+        committed: asyncio.Future[None] | None = None
+        try:
             db = self._w
-            await _with_lock_retries(lambda: db.execute("BEGIN IMMEDIATE"))
+            if self._group is None:
+                await _with_lock_retries(lambda: db.execute("BEGIN IMMEDIATE"))
+                self._group = _Group(asyncio.get_running_loop().create_future())
+            group = self._group
+            group.members += 1
+            db.execute("SAVEPOINT member")
             try:
                 yield SqliteTransaction(db)
             except BaseException:
-                db.execute("ROLLBACK")
+                self._undo_member(db, group)
                 raise
-            try:
-                db.execute("COMMIT")
-            except sqlite3.Error as e:
-                if db.in_transaction:
-                    db.execute("ROLLBACK")
-                raise StoreError(f"commit failed: {e}") from e
+            db.execute("RELEASE member")
+            committed = group.committed
+        finally:
+            if self._group is not None and (
+                self._entrants == 0 or self._group.members >= MAX_GROUP_MEMBERS
+            ):
+                self._commit_group()
+            self._write_lock.release()
+        await committed  # raises StoreError when the group's commit failed
+
+    def _undo_member(self, db: sqlite3.Connection, group: _Group) -> None:
+        try:
+            db.execute("ROLLBACK TO member")
+            db.execute("RELEASE member")
+        except sqlite3.Error as e:
+            if not db.in_transaction:  # SQLite gave up the whole transaction
+                self._group = None
+                group.fail(StoreError(f"the transaction was rolled back: {e}"))
+
+    def _commit_group(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        db = self._w
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            group.fail(StoreError(f"commit failed: {e}"))
+            return
+        group.done()
+
+    def _flush_if_idle(self) -> None:
+        if self._group is not None and self._entrants == 0:
+            self._commit_group()
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[sqlite3.Connection]:
