@@ -97,6 +97,19 @@ class StoreTransaction(Protocol):
         """Every open assignment of the task is DONE with this error (a timeout)."""
         ...
 
+    async def claim_assignments(
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
+    ) -> list[AssignmentRecord]:
+        """``Store.claim_assignments`` inside this transaction (it sees this
+        transaction's own writes): a worker that reports a result is handed its next
+        work in the same commit."""
+        ...
+
     async def announce(self, actions: Collection[str]) -> None:
         """Work of these actions was queued: tell every engine process at commit.
 

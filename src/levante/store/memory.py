@@ -126,6 +126,35 @@ class MemoryTransaction:
         for a in assignments:
             self.assignments[a.id] = a
 
+    async def claim_assignments(
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
+    ) -> list[AssignmentRecord]:
+        if limit <= 0 or not actions:
+            return []
+        candidates = {i: self._t.assignments[i] for i in self._t.queued}
+        candidates.update(self.assignments)  # this transaction's own view wins
+        queued = [a for a in candidates.values() if a.state == AssignmentState.QUEUED]
+        queued.sort(key=lambda a: a.created_at)  # stable: FIFO
+        claimed: list[AssignmentRecord] = []
+        for a in queued:
+            if len(claimed) >= limit:
+                break
+            if a.action in actions and (a.target is None or a.target in targets):
+                leased = replace(
+                    a,
+                    state=AssignmentState.LEASED,
+                    worker_id=worker_id,
+                    lease_expires_at=min(lease_until, a.deadline or lease_until),
+                )
+                self.assignments[a.id] = leased
+                claimed.append(leased)
+        return claimed
+
     async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
         merged = {a.id: a for a in self._t.assignments.values() if a.task_id == task_id}
         merged.update({a.id: a for a in self.assignments.values() if a.task_id == task_id})
@@ -306,25 +335,8 @@ class MemoryStore:
         lease_until: float,
         targets: Collection[str] = (),
     ) -> list[AssignmentRecord]:
-        claimed: list[AssignmentRecord] = []
-        async with self._lock:
-            queue = self._t.queued
-            order = sorted(queue, key=lambda i: self._t.assignments[i].created_at)  # stable: FIFO
-            for assignment_id in order:
-                if len(claimed) >= limit:
-                    break
-                a = self._t.assignments[assignment_id]
-                allowed = a.target is None or a.target in targets
-                if a.action in actions and allowed:
-                    leased = replace(
-                        a,
-                        state=AssignmentState.LEASED,
-                        worker_id=worker_id,
-                        lease_expires_at=min(lease_until, a.deadline or lease_until),
-                    )
-                    self._t.put_assignment(leased)
-                    claimed.append(leased)
-        return claimed
+        async with self.transaction() as tx:
+            return await tx.claim_assignments(worker_id, actions, limit, lease_until, targets)
 
     async def release_assignments(
         self, worker_id: str, keep: Collection[AssignmentId] = ()

@@ -254,6 +254,22 @@ class PostgresTransaction:
                 "SELECT pg_notify($1, $2)", WORK_CHANNEL, ",".join(sorted(actions))
             )
 
+    async def claim_assignments(
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
+    ) -> list[AssignmentRecord]:
+        if limit <= 0 or not actions:
+            return []
+        with _Failing(f"cannot claim assignments for worker {worker_id}"):
+            found = await self._conn.fetch(
+                _CLAIM, worker_id, lease_until, sorted(actions), limit, sorted(targets)
+            )
+        return [rows.assignment_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
+
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         with _Failing(f"cannot lock execution {execution_id}"):
             row = await self._conn.fetchrow(

@@ -18,6 +18,8 @@ committed transaction; only a power cut may lose the last few.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import random
 import sqlite3
 import time
@@ -149,6 +151,7 @@ MIGRATIONS: dict[int, str] = {
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
 T = TypeVar("T")
+log = logging.getLogger("levante.store.sqlite")
 
 
 LOCK_WAIT_SECONDS = 60.0
@@ -343,6 +346,32 @@ class SqliteTransaction:
             (rows.dump(error), task_id),
         )
 
+    async def claim_assignments(
+        self,
+        worker_id: str,
+        actions: Collection[str],
+        limit: int,
+        lease_until: float,
+        targets: Collection[str] = (),
+    ) -> list[AssignmentRecord]:
+        if limit <= 0 or not actions:
+            return []
+        action_list = sorted(actions)
+        target_list = sorted(targets)
+        found = self._all(
+            f"UPDATE assignments SET state='LEASED', worker_id=?, "
+            f"lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
+            f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
+            f"AND action IN ({_placeholders(len(action_list))}) "
+            f"AND (target IS NULL OR target IN ({_placeholders(len(target_list))})) "
+            f"ORDER BY rowid LIMIT ?) "
+            f"RETURNING {_ASSIGNMENT_COLS}",
+            (worker_id, lease_until, *action_list, *target_list, limit),
+        )
+        claimed = [rows.assignment_from_row(r) for r in found]
+        claimed.sort(key=lambda a: (a.created_at, a.id))
+        return claimed
+
     async def announce(self, actions: Collection[str]) -> None:
         return None  # nobody to tell: other processes sharing the store poll
 
@@ -374,6 +403,7 @@ class SqliteTransaction:
 
 
 MAX_GROUP_MEMBERS = 64
+CHECKPOINT_EVERY_COMMITS = 200
 
 
 class _Group:
@@ -406,6 +436,11 @@ class SqliteStore:
         self._write_lock = asyncio.Lock()
         self._entrants = 0  # callers waiting for the writer connection
         self._group: _Group | None = None  # the open group commit, if any
+        self._flush_scheduled = False
+        self._since_checkpoint = 0
+        self._checkpointer: asyncio.Task[None] | None = None
+        self.commits = 0  # group commits so far, and the transactions they carried
+        self.committed_members = 0
 
     async def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -413,6 +448,9 @@ class SqliteStore:
             db.execute("PRAGMA busy_timeout=0")
             await _with_lock_retries(lambda: _switch_to_wal(db))
             db.execute("PRAGMA synchronous=NORMAL")
+            # Statement and savepoint journals in memory, not in temporary files that
+            # each transaction would create and delete.
+            db.execute("PRAGMA temp_store=MEMORY")
         except BaseException:
             db.close()
             raise
@@ -422,6 +460,7 @@ class SqliteStore:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
             self._writer = await self._connect()
+            self._writer.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
             await self._migrate(self._writer)
             self._reader = await self._connect()
             self._reader.execute(f"PRAGMA busy_timeout={READER_BUSY_MS}")
@@ -432,6 +471,16 @@ class SqliteStore:
             raise
 
     async def close(self) -> None:
+        if self._writer is not None and self._group is not None:
+            self._commit_group()  # members are still waiting for it
+        if self._checkpointer is not None:
+            with contextlib.suppress(Exception):
+                await self._checkpointer
+        if self.commits:
+            log.info(
+                "SQLite store closed: %d commits carried %d transactions",
+                self.commits, self.committed_members,
+            )  # fmt: skip
         if self._bulk is not None:
             await self._bulk.close()
         for db in (self._reader, self._writer):
@@ -537,10 +586,14 @@ class SqliteStore:
             db.execute("RELEASE member")
             committed = group.committed
         finally:
-            if self._group is not None and (
-                self._entrants == 0 or self._group.members >= MAX_GROUP_MEMBERS
-            ):
-                self._commit_group()
+            if self._group is not None:
+                if self._group.members >= MAX_GROUP_MEMBERS:
+                    self._commit_group()
+                elif self._entrants == 0 and not self._flush_scheduled:
+                    # Commit once the callbacks already runnable (other results read
+                    # from the same poll) have had their turn to join the group.
+                    self._flush_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._scheduled_flush)
             self._write_lock.release()
         await committed  # raises StoreError when the group's commit failed
 
@@ -565,11 +618,38 @@ class SqliteStore:
                 db.execute("ROLLBACK")
             group.fail(StoreError(f"commit failed: {e}"))
             return
+        self.commits += 1
+        self.committed_members += group.members
         group.done()
+        self._since_checkpoint += 1
+        if self._since_checkpoint >= CHECKPOINT_EVERY_COMMITS and self._checkpointer is None:
+            self._since_checkpoint = 0
+            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL back into the database file on aiosqlite's thread.
+
+        The writer's automatic checkpoint is off: it would run inside a COMMIT on the
+        event loop's thread and fsync there.
+        """
+        try:
+            await self._b.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except Exception as e:  # the next one will try again
+            log.warning("WAL checkpoint failed: %s", e)
+        finally:
+            self._checkpointer = None
 
     def _flush_if_idle(self) -> None:
-        if self._group is not None and self._entrants == 0:
+        if self._group is not None and self._entrants == 0 and not self._write_lock.locked():
             self._commit_group()
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        if self._group is None or self._write_lock.locked():
+            return  # committed already, or the member inside will see to it
+        if self._entrants == 0:
+            self._commit_group()
+        # else: a waiting member will join and leave; its exit decides again
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[sqlite3.Connection]:
@@ -677,22 +757,8 @@ class SqliteStore:
     ) -> list[AssignmentRecord]:
         if limit <= 0 or not actions:
             return []
-        action_list = sorted(actions)
-        target_list = sorted(targets)
-        async with self._write() as db:
-            found = db.execute(
-                f"UPDATE assignments SET state='LEASED', worker_id=?, "
-                f"lease_expires_at=MIN(?, COALESCE(deadline, 1e300)) "
-                f"WHERE id IN (SELECT id FROM assignments WHERE state='QUEUED' "
-                f"AND action IN ({_placeholders(len(action_list))}) "
-                f"AND (target IS NULL OR target IN ({_placeholders(len(target_list))})) "
-                f"ORDER BY rowid LIMIT ?) "
-                f"RETURNING {_ASSIGNMENT_COLS}",
-                (worker_id, lease_until, *action_list, *target_list, limit),
-            ).fetchall()
-        claimed = [rows.assignment_from_row(r) for r in found]
-        claimed.sort(key=lambda a: (a.created_at, a.id))
-        return claimed
+        async with self.transaction() as tx:
+            return await tx.claim_assignments(worker_id, actions, limit, lease_until, targets)
 
     async def release_assignments(
         self, worker_id: str, keep: Collection[AssignmentId] = ()

@@ -72,8 +72,10 @@ def _seconds(value: Any) -> float:
     return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
 
 
+# Actions that never block are coroutines: they run on the worker's event loop, not in
+# its thread pool (a hop there and back costs more than they do).
 @_STD.action("std.noop")
-def noop() -> None:
+async def noop() -> None:
     """Does nothing."""
     return None
 
@@ -88,7 +90,7 @@ async def echo(output: Any, delay: Any = 0) -> Any:
 
 
 @_STD.action("std.fail")
-def fail(error_data: Any = None) -> None:
+async def fail(error_data: Any = None) -> None:
     """Always fails; with ``error_data`` the error is that data."""
     if error_data:
         raise ActionException(FAIL_MESSAGE, error_data=error_data)
@@ -103,7 +105,7 @@ async def sleep(seconds: Any = 1) -> None:
 
 
 @_STD.action("std.async_noop")
-def async_noop() -> object:
+async def async_noop() -> object:
     """Completes later, through Engine.TaskComplete."""
     return DEFERRED
 
