@@ -1,7 +1,9 @@
 """``levante.Client``: the Engine API from Python, with typed results.
 
 gRPC errors are translated at this boundary into Levante's error tree (errors.py),
-so callers catch ``NotFoundError`` rather than inspecting status codes.
+so callers catch ``NotFoundError`` rather than inspecting status codes. A client sends a
+bearer token (``token=``) with every call and speaks TLS when given a CA (``tls_ca=``,
+to verify the server) or a client certificate (``tls_cert=`` and ``tls_key=``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,9 +22,13 @@ from levante.errors import (
     ConflictError,
     InvalidArgumentError,
     LevanteError,
+    LimitExceededError,
     NotFoundError,
+    PermissionDeniedError,
     StoreError,
+    UnauthenticatedError,
 )
+from levante.rpc.auth import ClientCredentials
 from levante.v1 import levante_pb2 as pb
 from levante.v1 import levante_pb2_grpc as pb_grpc
 
@@ -32,6 +39,9 @@ _ERROR_BY_STATUS: dict[grpc.StatusCode, type[LevanteError]] = {
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.FAILED_PRECONDITION: ConflictError,
     grpc.StatusCode.UNAVAILABLE: StoreError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: LimitExceededError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
 }
 
 
@@ -143,9 +153,19 @@ def execution_info(status: pb.ExecutionStatus) -> ExecutionInfo:
 class Client:
     """An asyncio client of one engine. Use as ``async with Client("127.0.0.1:50051")``."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | Path | None = None,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
+    ) -> None:
         self.target = target
-        self._channel = grpc.aio.insecure_channel(target)
+        credentials = ClientCredentials.from_files(token, tls_ca, tls_cert, tls_key)
+        self._metadata = credentials.metadata or None
+        self._channel = credentials.channel(target)
         self._engine = pb_grpc.EngineStub(self._channel)
 
     async def __aenter__(self) -> Client:
@@ -159,7 +179,7 @@ class Client:
 
     async def _call(self, method: Any, request: Any, timeout: float | None = 30.0) -> Any:
         try:
-            return await method(request, timeout=timeout)
+            return await method(request, timeout=timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as e:
             raise _translate(e) from None
 
@@ -245,7 +265,9 @@ class Client:
 
     async def watch(self, execution_id: str) -> AsyncIterator[ExecutionEvent]:
         """The current state, then each change as it happens, until the execution ends."""
-        call = self._engine.WatchExecution(pb.WatchExecutionRequest(execution_id=execution_id))
+        call = self._engine.WatchExecution(
+            pb.WatchExecutionRequest(execution_id=execution_id), metadata=self._metadata
+        )
         try:
             async for event in call:
                 yield _event(event)
@@ -271,13 +293,14 @@ class Client:
 class SyncClient:
     """The synchronous twin of Client, for scripts."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, **options: Any) -> None:
+        """``options``: Client's (token, tls_ca, tls_cert, tls_key)."""
         self._loop = asyncio.new_event_loop()
-        self._client = self._loop.run_until_complete(self._make(target))
+        self._client = self._loop.run_until_complete(self._make(target, options))
 
     @staticmethod
-    async def _make(target: str) -> Client:
-        return Client(target)
+    async def _make(target: str, options: dict[str, Any]) -> Client:
+        return Client(target, **options)
 
     def __enter__(self) -> SyncClient:
         return self

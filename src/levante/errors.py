@@ -4,8 +4,11 @@
     ├── InvalidArgumentError        bad input from a caller: the request changes nothing
     │   ├── DefinitionError         YAML that is not a valid workflow (names the line)
     │   ├── InvalidInputError       workflow input or params that do not fit the workflow
-    │   └── ExpressionError         an expression that cannot be parsed or evaluated
+    │   ├── ExpressionError         an expression that cannot be parsed or evaluated
+    │   └── LimitExceededError      larger or deeper than a limit (levante/limits.py)
     ├── NotFoundError               unknown workflow, execution or task
+    ├── UnauthenticatedError        no bearer token, or one the server does not know
+    ├── PermissionDeniedError       a known token whose role may not call the method
     ├── ConflictError               a request that contradicts what is recorded
     │   ├── AlreadyCompletedError   a different outcome for a task already completed
     │   └── RequestIdTakenError     another Run with the same request_id committed first
@@ -44,6 +47,21 @@ class InvalidInputError(InvalidArgumentError):
 
 class ExpressionError(InvalidArgumentError):
     """An expression that cannot be parsed or evaluated."""
+
+
+class LimitExceededError(InvalidArgumentError):
+    """Larger, deeper or longer than a configured limit (levante/limits.py); nothing changed.
+
+    The message names the field and the limit by its ``levante serve`` flag.
+    """
+
+
+class UnauthenticatedError(LevanteError):
+    """The call carried no bearer token, or one the server does not know."""
+
+
+class PermissionDeniedError(LevanteError):
+    """The call's token is known, but its role may not call this method."""
 
 
 class NotFoundError(LevanteError):

@@ -36,6 +36,7 @@ from levante.core.step import Step, merge_by_version
 from levante.errors import ExpressionError
 from levante.ids import AssignmentId, ExecutionId, task_id_for
 from levante.lang.spec import ActionSpec, TaskSpec
+from levante.limits import with_items_message
 
 NOOP_ACTION = "std.noop"
 MAX_ADHOC_DEPTH = 16
@@ -222,6 +223,8 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
     if len(lengths) > 1:
         raise TaskStartError("Invalid array in 'with-items' clause: arrays of different lengths")
     count = lengths.pop() if lengths else 0
+    if step.spec.max_with_items is not None and count > step.spec.max_with_items:
+        raise TaskStartError(with_items_message(count, step.spec.max_with_items))
     concurrency = _policy(step, task, task_spec.policies.concurrency, "concurrency")
     if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 0):
         raise TaskStartError(f"Invalid data type in ConcurrencyPolicy: {concurrency!r}")

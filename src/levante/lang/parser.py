@@ -157,6 +157,28 @@ class _MistralLoader(yaml.SafeLoader):
     def check_plain(self) -> bool:
         return bool(self.peek() == "@" or super().check_plain())
 
+    # Bounds enforced while PyYAML reads, not after: it looks ahead across every open '['
+    # and '{' (quadratic in their nesting) and builds every node before _Reader sees one,
+    # so a hostile document would cost seconds and megabytes before being refused.
+
+    def fetch_flow_collection_start(self, TokenClass: Any) -> None:
+        if self.flow_level >= MAX_DEPTH:
+            raise DefinitionError(f"document nests deeper than {MAX_DEPTH} levels", self.line + 1)
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column: int) -> bool:
+        if self.indent < column and len(self.indents) >= MAX_DEPTH:
+            raise DefinitionError(f"document nests deeper than {MAX_DEPTH} levels", self.line + 1)
+        return bool(super().add_indent(column))
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.composed = getattr(self, "composed", 0) + 1
+        if self.composed > MAX_NODES:
+            raise DefinitionError(
+                f"document is too large: more than {MAX_NODES} YAML nodes", self.line + 1
+            )
+        return super().compose_node(parent, index)
+
 
 @dataclass(frozen=True)
 class _Scalar:

@@ -162,6 +162,7 @@ class WorkflowSpec:
     line: int | None = None
     workbook: str | None = None  # names inside a workbook resolve against it first
     actions: Mapping[str, ActionSpec] = field(default_factory=dict)  # the document's ad-hoc
+    max_with_items: int | None = None  # the engine's limit (levante.limits); None: none
 
     def task(self, name: str) -> TaskSpec:
         return self.tasks[name]
