@@ -1,8 +1,11 @@
 """Mistral conformance: every case of the corpus run on Levante (tests/support/conformance.py).
 
-One test per corpus file. The cases run concurrently, each on a fresh in-process
-LocalEngine, the first time a test asks for its result (one batch for the whole
-session); each test then passes or fails on its own case's checks.
+Two tests per corpus file: ``test_case`` runs it in process, each case on a fresh
+LocalEngine; ``test_case_through_service`` runs it through the real service, one
+``levante serve`` on a SQLite file and one worker process serving the std actions and
+the corpus's mocks, shared by every case of this module (ConformanceService). Each batch
+runs concurrently the first time a test asks for a result; each test then passes or
+fails on its own case's checks, which are the same for both.
 
 Cases that fail today because of a feature the engine refuses ("not supported yet"),
 a documented difference or a known bug are listed in tests/conformance_gaps.txt
@@ -13,9 +16,8 @@ Mistral-specific wording is compared only where docs/semantics.md says Levante
 matches; the other wording checks are listed in ``DOCUMENTED_DIFFERENCES`` and show up
 as ConformanceDifference warnings instead of failures.
 
-``test_service_matches_in_process`` runs a few representative cases through the real
-service (``levante serve`` + ``levante worker`` processes) and compares their results
-with the in-process ones.
+``test_service_matches_in_process`` compares, for a few representative cases, the whole
+observable result (GetStatus with ids replaced) of the two runs.
 """
 
 from __future__ import annotations
@@ -32,16 +34,13 @@ from support.conformance import (
     DOCUMENTED_DIFFERENCES,
     GAPS_FILE,
     CaseResult,
-    ServiceDriver,
+    ConformanceService,
     case_paths,
     load_case,
     read_gaps,
-    run_case,
     run_cases_in_thread,
     snapshot,
 )
-
-from levante.client import Client
 
 PATHS = case_paths()
 GAPS = read_gaps()
@@ -79,26 +78,60 @@ def _params() -> list[Any]:
     return params
 
 
-@pytest.fixture(scope="session")
-def conformance_results(request: pytest.FixtureRequest) -> Iterator[dict[str, CaseResult]]:
-    """The results of every selected case, run concurrently once per session."""
-    selected: set[str] = {
-        str(item.callspec.params["stem"])
+def _selected(request: pytest.FixtureRequest, test_name: str) -> set[str]:
+    """Whether this session runs ``test_name`` of this module, and with which stems."""
+    return {
+        str(item.callspec.params["stem"]) if hasattr(item, "callspec") else ""
         for item in request.session.items
         if isinstance(item, pytest.Function)
         and item.path == Path(__file__)
-        and item.originalname == "test_case"
+        and item.originalname == test_name
     }
-    yield run_cases_in_thread(load_case(CORPUS / f"{stem}.yaml") for stem in sorted(selected))
+
+
+@pytest.fixture(scope="session")
+def conformance_results(request: pytest.FixtureRequest) -> dict[str, CaseResult]:
+    """The in-process results of every selected case, run concurrently once per session."""
+    stems = _selected(request, "test_case")
+    if _selected(request, "test_service_matches_in_process"):
+        stems |= set(SERVICE_CASES)
+    return run_cases_in_thread(load_case(CORPUS / f"{stem}.yaml") for stem in sorted(stems))
+
+
+@pytest.fixture(scope="module")
+def conformance_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConformanceService]:
+    """One real server and worker process for every case run through the service."""
+    with ConformanceService(tmp_path_factory.mktemp("conformance")) as service:
+        yield service
+
+
+@pytest.fixture(scope="module")
+def service_results(
+    request: pytest.FixtureRequest, conformance_service: ConformanceService
+) -> dict[str, CaseResult]:
+    """The results of every selected case through the service, run concurrently once."""
+    stems = _selected(request, "test_case_through_service")
+    if _selected(request, "test_service_matches_in_process"):
+        stems |= set(SERVICE_CASES)
+    cases = [load_case(CORPUS / f"{stem}.yaml") for stem in sorted(stems)]
+    return conformance_service.run_cases_in_thread(cases)
+
+
+def _check(result: CaseResult) -> None:
+    for difference in result.differences:
+        warnings.warn(ConformanceDifference(difference), stacklevel=2)
+    if not result.passed:
+        pytest.fail("\n".join(result.failures), pytrace=False)
 
 
 @pytest.mark.parametrize("stem", _params())
 def test_case(stem: str, conformance_results: dict[str, CaseResult]) -> None:
-    result = conformance_results[stem]
-    for difference in result.differences:
-        warnings.warn(ConformanceDifference(difference), stacklevel=1)
-    if not result.passed:
-        pytest.fail("\n".join(result.failures), pytrace=False)
+    _check(conformance_results[stem])
+
+
+@pytest.mark.parametrize("stem", _params())
+def test_case_through_service(stem: str, service_results: dict[str, CaseResult]) -> None:
+    _check(service_results[stem])
 
 
 # ------------------------------------------------------------------ the lists stay honest
@@ -155,13 +188,12 @@ def test_custom_checks_cover_the_corpus() -> None:
 
 
 @needs_corpus
-@pytest.mark.usefixtures("workers")
-async def test_service_matches_in_process(client: Client) -> None:
+def test_service_matches_in_process(
+    conformance_results: dict[str, CaseResult], service_results: dict[str, CaseResult]
+) -> None:
     for stem in SERVICE_CASES:
-        case = load_case(CORPUS / f"{stem}.yaml")
         assert stem not in GAPS, f"{stem} is a known gap; pick a passing case"
-        local = await run_case(case)
-        service = await run_case(case, ServiceDriver(client))
+        local, service = conformance_results[stem], service_results[stem]
         assert local.passed, local.summary()
         assert service.passed, service.summary()
         assert local.facts.info is not None and service.facts.info is not None

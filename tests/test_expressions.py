@@ -34,7 +34,7 @@ class FakeHost:
     """Records what expressions asked for."""
 
     def __init__(self, fail_with: BaseException | None = None) -> None:
-        self.tasks: dict[str | None, dict[str, Any]] = {
+        self.by_name: dict[str | None, dict[str, Any]] = {
             None: {"id": "t-cur", "name": "current", "result": 100, "published": {}},
             "task1": {
                 "id": "t-1",
@@ -48,12 +48,20 @@ class FakeHost:
         }
         self.asked: list[str | None] = []
         self.fail_with = fail_with
+        self.executions: list[dict[str, Any]] = [
+            {"id": "t-1", "name": "task1", "state": "SUCCESS", "type": "ACTION"},
+            {"id": "t-2", "name": "sub", "state": "ERROR", "type": "WORKFLOW"},
+            {"id": "t-3", "name": "task3", "state": "ERROR", "type": "ACTION"},
+        ]
+
+    def tasks(self) -> list[dict[str, Any]]:
+        return self.executions
 
     def task(self, name: str | None) -> Mapping[str, Any] | None:
         if self.fail_with is not None:
             raise self.fail_with
         self.asked.append(name)
-        return self.tasks.get(name)
+        return self.by_name.get(name)
 
     def execution(self) -> Mapping[str, Any]:
         return {"id": "ex-1", "name": "wf", "input": {"a": 1}, "params": {}}
@@ -388,8 +396,49 @@ def test_env_execution_global_functions() -> None:
     assert ev("<% global(unset) %>") is None
 
 
+def _names(value: Any) -> list[str]:
+    return [t["name"] for t in value]
+
+
+def test_tasks_function_in_both_languages() -> None:
+    # the forms of Mistral's documentation (wf_lang_v2.rst, "Tasks function")
+    every = ["task1", "sub", "task3"]
+    assert _names(ev("<% tasks() %>")) == every
+    assert _names(ev("{{ tasks() }}")) == every
+    assert _names(ev("<% tasks(execution().id) %>")) == every
+    assert _names(ev("{{ tasks(execution().id) }}")) == every
+    assert _names(ev("<% tasks(null, false, null, false) %>")) == every
+    assert _names(ev("<% tasks(null, false, false, false) %>")) == every  # falsy state: all
+    assert _names(ev("{{ tasks(None, false, None, false) }}")) == every
+    assert _names(ev("<% tasks(null, false, ERROR) %>")) == ["sub", "task3"]
+    assert _names(ev("<% tasks(state => ERROR) %>")) == ["sub", "task3"]
+    assert _names(ev("{{ tasks(None, false, 'ERROR') }}")) == ["sub", "task3"]
+    assert _names(ev("{{ tasks(state='ERROR') }}")) == ["sub", "task3"]
+    assert _names(ev("{{ _ | tasks(state='SUCCESS') }}")) == ["task1"]  # the filter form
+    assert ev("<% tasks(state => ERROR).where($.type = ACTION).select($.id) %>") == ["t-3"]
+
+
+def test_tasks_flat_and_recursive() -> None:
+    # flat: action tasks (Mistral also keeps a workflow task whose state differs from its
+    # subworkflow's, which expressions cannot see)
+    assert _names(ev("<% tasks(flat => true) %>")) == ["task1", "task3"]
+    assert _names(ev("{{ tasks(state='ERROR', flat=true) }}")) == ["task3"]
+    # recursive needs the subworkflows' tasks: refused while a workflow task is listed
+    fails("<% tasks(execution().id, true) %>", match="tasks inside subworkflow executions")
+    host = FakeHost()
+    host.executions = host.executions[:1]
+    assert _names(ev("<% tasks(recursive => true) %>", host=host)) == ["task1"]
+
+
+def test_tasks_of_another_execution_are_not_visible() -> None:
+    error = fails("<% tasks('ex-2') %>", match="current execution \\(ex-1\\) only")
+    assert "[expression=tasks('ex-2')" in str(error)
+    fails("{{ tasks('ex-2') }}", match="not those of execution ex-2")
+
+
 def test_null_host() -> None:
     assert evaluate("<% task(x) %>", {}, NULL_HOST) is None
+    assert evaluate("<% tasks() %>", {}, NULL_HOST) == []
     assert evaluate("<% env() %>", {}) == {}
     assert evaluate("{{ execution() }}", {}) == {}
     assert evaluate("<% global(x) %>", {}) is None
@@ -526,6 +575,13 @@ def test_referenced_task_names(value: Any, expected: set[str]) -> None:
         "{% set f = task %}{{ f('y') }}",
         "{{ _|task(_.name) }}",
         ["<% task(ok) %>", "{{ task(_.x) }}"],
+        # tasks() reads every task
+        "<% tasks() %>",
+        "<% tasks(state => ERROR).len() %>",
+        "<% call(tasks, [], {}) %>",
+        "{{ tasks() }}",
+        "{{ _ | tasks }}",
+        "{% set f = tasks %}{{ f() }}",
         "<% * %>",  # does not parse: evaluation will report it
     ],
 )
@@ -585,7 +641,7 @@ def test_jinja_cannot_modify_the_context_or_host_data() -> None:
         with pytest.raises(ExpressionError, match="would modify data"):
             evaluate(expression, context, host)
     assert context == {"l": [1], "d": {"a": 1}, "nested": {"x": [{"y": {}}]}}
-    assert host.tasks["task1"]["result"]["list"] == [1, 2, 3]
+    assert host.by_name["task1"]["result"]["list"] == [1, 2, 3]
 
 
 def test_jinja_may_modify_what_it_builds() -> None:
@@ -675,6 +731,66 @@ def test_reasonable_values_stay_allowed() -> None:
     assert ev("<% pow(2, 10) %>") == 1024
     assert ev("<% 'aaa'.replace(a, b) %>") == "bbb"
     assert ev("<% [1, 2, 3].replace(0, 9) %>") == [9, 2, 3]  # the list overload still works
+
+
+# -- the work limit ----------------------------------------------------------------------
+
+SMALL_BUDGET = 20_000
+BIG: dict[str, Any] = {"big": list(range(5000)), "text": "x" * 100_000}
+
+# Each would run for minutes, hours or for ever without the work limit.
+HOSTILE = [
+    "<% range(0, 1000000000).sum() %>",
+    "<% range(0, 100000).select(range(0, 100000).sum()).sum() %>",
+    "<% range(0, 100000).reduce($1 + str($2), '') %>",
+    "<% let(x => $.big) -> range(0, 100000).select(-1 in $x).len() %>",
+    "<% let(x => $.text) -> range(0, 100000).select($x.indexOf(y)).len() %>",
+    "{% for a in _.big %}{% for b in _.big %}{% endfor %}{% endfor %}",
+    "{% macro f(n) %}{% if n %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}{{ f(60) }}",
+    "{% set ns = namespace(s='') %}{% for i in range(100000) %}"
+    "{% set ns.s = ns.s ~ 'x' * 100 %}{% endfor %}",
+    "{% for i in range(100000) %}{{ _.big | sort | first }}{% endfor %}",
+    "{% for i in range(100000) %}{% if -1 in _.big %}x{% endif %}{% endfor %}",
+    "{% for i in range(100000) %}{% if -1 is in _.big %}x{% endif %}{% endfor %}",
+    "{% for i in range(100000) %}{{ _.text.count('y') }}{% endfor %}",
+    "{{ range(100000) | map('string') | join(',') * 10 }}",
+]
+
+
+@pytest.mark.parametrize("expression", HOSTILE)
+def test_work_limit_stops_hostile_expressions(
+    expression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(expr_module, "MAX_WORK_STEPS", SMALL_BUDGET)
+    error = fails(expression, BIG, match=f"needs more than {SMALL_BUDGET} steps of work")
+    # the message names the expression (YAQL: its inside; Jinja: the whole template)
+    assert f"[expression={expression.strip('<%> ')}, error=" in str(error)
+    assert expr_module._METER.get() is None  # the meter belongs to the evaluation only
+
+
+def test_work_limit_at_its_default_value() -> None:
+    # The example of a workflow that must not hang the engine, at the real limit: it
+    # fails within a few seconds instead of summing for minutes.
+    fails(
+        "<% range(0, 1000000000).sum() %>",
+        match=f"needs more than {expr_module.MAX_WORK_STEPS} steps of work",
+    )
+    fails("{% for i in range(10**9) %}x{% endfor %}", match="Range too big")
+    # Ordinary work stays well within it.
+    assert ev("<% range(0, 2000).select($ * 2).sum() %>") == 3_998_000
+    assert ev("<% $.big.where($ mod 7 = 0).len() %>", BIG) == 715
+    assert ev("{{ _.big | map('string') | join(',') | length }}", BIG) == 23_889
+    loop = "{% for i in _.big %}{% if i is divisibleby 1000 %}{{ i }},{% endif %}{% endfor %}"
+    assert ev(loop, BIG) == "0,1000,2000,3000,4000,"
+
+
+def test_work_limit_counts_one_evaluate_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(expr_module, "MAX_WORK_STEPS", SMALL_BUDGET)
+    costly = "<% range(0, 80).sum() %>"  # some 60 % of the small budget
+    assert ev(costly) == 3160
+    assert ev(costly) == 3160  # a new evaluation has a new budget
+    # one evaluate() call (a task's whole publish, say) shares one budget
+    fails({"a": costly, "b": costly}, match="steps of work")
 
 
 # -- caching -----------------------------------------------------------------------------

@@ -595,3 +595,133 @@ child:
         child = await local.status(child_id)
         assert child.state == "CANCELLED"
         assert [t.state for t in child.tasks] == ["CANCELLED"]
+
+
+# ---------------------------------------------------------------- tasks() and the work limit
+
+
+async def test_tasks_function_lists_the_executions_tasks() -> None:
+    result = await run("""
+version: '2.0'
+wf:
+  tasks:
+    first:
+      action: std.echo output=1
+      on-success: [report]
+    broken:
+      action: std.fail
+      on-error: [report]
+    report:
+      join: all
+      publish:
+        names: <% tasks(execution().id).select($.name) %>
+        failed: <% tasks(state => ERROR).select($.name) %>
+        failed_jinja: "{{ tasks(None, false, 'ERROR') | map(attribute='name') | list }}"
+        first: <% tasks().where($.name = first).first() %>
+""")
+    assert result.ok, result.state_info
+    published = result.task("report").published
+    assert published["names"] == ["first", "broken", "report"]
+    assert published["failed"] == ["broken"] == published["failed_jinja"]
+    first = published["first"]
+    assert first["result"] == 1 and first["state"] == "SUCCESS" and first["type"] == "ACTION"
+    assert first["workflow_execution_id"] == result.execution_id
+    assert first["id"] == result.task("first").id and first["spec"]["action"] == "std.echo"
+    assert {"state_info", "published", "created_at", "updated_at"} <= set(first)
+
+
+async def test_tasks_function_sees_its_own_execution_only() -> None:
+    result = await run("""
+version: '2.0'
+parent:
+  tasks:
+    call:
+      workflow: child
+      publish:
+        mine: <% tasks().select([$.name, $.type]) %>
+      on-success: [deeper]
+    deeper:
+      publish:
+        nested: <% tasks(recursive => true) %>
+child:
+  tasks:
+    inner:
+      action: std.noop
+""", workflow="parent")
+    assert result.state == "ERROR"
+    assert result.task("call").published == {"mine": [["call", "WORKFLOW"]]}
+    info = result.task("deeper").state_info
+    assert "[expression=tasks(recursive => true)" in info
+    assert "tasks inside subworkflow executions are not visible" in info
+
+
+@pytest.fixture
+def small_work_limit(monkeypatch: pytest.MonkeyPatch) -> int:
+    from levante.lang import expressions
+
+    monkeypatch.setattr(expressions, "MAX_WORK_STEPS", 20_000)
+    return 20_000
+
+
+async def test_an_expression_over_the_work_limit_fails_its_task(small_work_limit: int) -> None:
+    in_publish = await run("""
+version: '2.0'
+wf:
+  tasks:
+    spin:
+      action: std.echo output=1
+      publish:
+        total: <% range(0, 1000000000).sum() %>
+""")
+    in_input = await run("""
+version: '2.0'
+wf:
+  tasks:
+    loop:
+      action: std.echo
+      input:
+        output: "{% for a in range(1000) %}{% for b in range(1000) %}{% endfor %}{% endfor %}"
+""")
+    for result, expression in ((in_publish, "range(0, 1000000000).sum()"),
+                               (in_input, "{% for a in range(1000) %}")):  # fmt: skip
+        task = result.tasks[0]
+        assert result.state == "ERROR" and task.state == "ERROR"
+        assert f"needs more than {small_work_limit} steps of work" in task.state_info
+        assert f"[expression={expression}" in task.state_info
+
+
+async def test_an_output_over_the_work_limit_fails_the_workflow(small_work_limit: int) -> None:
+    result = await run("""
+version: '2.0'
+wf:
+  output:
+    total: <% range(0, 1000000000).sum() %>
+  tasks:
+    only:
+      action: std.noop
+""")
+    assert result.state == "ERROR"
+    assert result.state_info.startswith("Failed to evaluate the workflow output: ")
+    assert f"needs more than {small_work_limit} steps of work" in result.state_info
+
+
+def test_policies_may_read_tasks_that_nothing_else_names() -> None:
+    """A policy, a target or with-items reading task('x') loads x's row, even when no
+    other expression of the workflow names x."""
+    definition = """
+version: '2.0'
+policies_read:
+  tasks:
+    zero:
+      action: std.echo output=[1, 2]
+      on-success: [one]
+    one:
+      action: std.echo output=<% $.item %>
+      with-items: item in <% task(zero).result %>
+      timeout: <% len(task(zero).result) + 5 %>
+      wait-before: <% len(task(zero).result) * 0 %>
+"""
+    from levante import run_workflow
+
+    result = run_workflow(definition)
+    assert result.state == "SUCCESS", result.state_info

@@ -4,7 +4,7 @@ The corpus (``../shared/conformance/mistral/*.yaml`` beside the checkout, or the
 directory in ``$LEVANTE_CONFORMANCE``) describes Mistral's observable behaviour; its
 README gives the schema. It is read at test time and never copied into the repository.
 
-For each case the harness
+For each case the in-process harness
 
 * builds the action registry: the std actions plus the case's mocks (``std.http``
   always fails; ``std.echo`` answering call by call, failing on given calls, always
@@ -26,11 +26,23 @@ slow safety-net poll), and an execution that can no longer move by itself (PAUSE
 every unfinished task waiting for an action nobody serves or for an outside completion
 no step will send) ends the wait early instead of running into the deadline.
 
+The same cases, with the same checks, also run through the real service
+(:class:`ConformanceService`: one ``levante serve`` on a SQLite file and one worker
+process, ``conformance_worker.py``, serving the std actions and the mocks, shared by all
+cases). Each case is driven through ``levante.Client`` (:class:`ServiceDriver`), polling
+GetStatus; what GetStatus does not show (action executions, subworkflow executions,
+timers) is read from the server's store file, read-only (:class:`StoreReader`). Cases
+run concurrently: a case holds its workflow names while it registers and starts
+(:class:`NameLocks`), and the worker learns which executions belong to a case with a
+std.echo mock from files the harness writes (``conformance_worker.MockBook``).
+
 Mistral-specific wording (see the corpus README caveats) is compared only where
 docs/semantics.md says Levante matches Mistral; every other wording check is listed in
 :data:`DOCUMENTED_DIFFERENCES` with its reason, still evaluated, and reported.
 
-Run it by hand: ``.venv/bin/python tests/support/conformance.py [STEM...]``.
+Run it by hand: ``.venv/bin/python tests/support/conformance.py [--service] [STEM...]``
+(``--service``: through a real ``levante serve`` and worker process, see
+:class:`ConformanceService`, instead of in process).
 """
 
 from __future__ import annotations
@@ -39,23 +51,33 @@ import asyncio
 import contextlib
 import json
 import os
-import random
+import queue
 import re
+import sqlite3
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import conformance_worker
 import yaml
+from conformance_worker import MOCKED_ACTIONS, is_echo_mock
+from processes import SUPPORT, EngineServer, LevanteProcess
 
-from levante.client import ExecutionInfo, TaskInfo
-from levante.core.model import AssignmentRecord, AssignmentState, Outcome
+from levante.client import Client, ExecutionInfo, TaskInfo
+from levante.core.model import AssignmentRecord, AssignmentState, ExecutionRecord, Outcome
 from levante.errors import DefinitionError, InvalidArgumentError, LevanteError, NotFoundError
 from levante.ids import AssignmentId, ExecutionId
+from levante.lang.expressions import is_expression
+from levante.lang.parser import parse_document
 from levante.runner import LocalEngine
-from levante.worker.registry import ActionException, ActionRegistry
+from levante.store import rows
+from levante.worker.registry import ActionRegistry
 from levante.worker.std import std_actions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,11 +116,6 @@ DOCUMENTED_DIFFERENCES: dict[tuple[str, str], str] = {
         "state_info_contains",
     ): "Mistral's wording 'Invalid input [...]'; Levante reports the worker's "
     "'TypeError: ...' (docs/semantics.md, Action errors)",
-    (
-        "test_direct_workflow__test_wrong_action",
-        "state_info_contains",
-    ): "Mistral's wording 'Failed to find action'; Levante does not fail unknown actions "
-    "at all (docs/semantics.md, Unknown actions wait)",
     (
         "test_error_handling__test_action_error_message_format",
         "tasks.task1.state_info_startswith",
@@ -212,63 +229,9 @@ def read_gaps(path: Path = GAPS_FILE) -> dict[str, str]:
 # ------------------------------------------------------------------ actions and mocks
 
 
-def _fail_http(
-    url: str,
-    method: str = "GET",
-    params: Any = None,
-    body: Any = None,
-    json: Any = None,
-    headers: Any = None,
-    cookies: Any = None,
-    auth: Any = None,
-    timeout: Any = None,
-    allow_redirects: Any = None,
-    proxies: Any = None,
-    verify: Any = None,
-) -> None:
-    raise ActionException(f"Failed to send HTTP request to {url!r}: no network (conformance mock)")
-
-
-class _EchoMock:
-    """std.echo replaced as a case's ``mock`` says; counts calls across the whole case."""
-
-    def __init__(self, mock: Mapping[str, Any]) -> None:
-        self.results = mock.get("results_by_call")
-        self.fail_on = mock.get("fail_on_calls")
-        self.error = mock.get("error_on_all_calls")
-        self.calls = 0
-
-    def __call__(self, output: Any = None, delay: Any = 0) -> Any:
-        self.calls += 1
-        if self.fail_on == "all" or (
-            isinstance(self.fail_on, list) and self.calls in self.fail_on
-        ):
-            raise ActionException(f"std.echo mock: failing on call {self.calls}")
-        if self.error is not None:
-            raise ActionException("std.echo mock: error result", error_data=self.error)
-        if isinstance(self.results, list) and self.calls <= len(self.results):
-            return self.results[self.calls - 1]
-        return output
-
-
-async def _sleep_echo(output: Any = None) -> Any:
-    await asyncio.sleep(random.uniform(0.0, 1.0))
-    return output
-
-
 def case_actions(case: Case) -> dict[str, Callable[..., Any]]:
     """The actions that replace or add to the std actions for this case."""
-    actions: dict[str, Callable[..., Any]] = {"std.http": _fail_http}
-    mock = case.mock
-    if mock is not None:
-        name = mock.get("action")
-        if name == "std.echo":
-            actions["std.echo"] = _EchoMock(mock)
-        elif name == "sleep_echo":
-            actions["sleep_echo"] = _sleep_echo
-        elif name != "std.http":
-            raise ValueError(f"{case.stem}: unknown mock {mock!r}")
-    return actions
+    return conformance_worker.case_actions(case.mock, case.stem)
 
 
 def install_actions(registry: ActionRegistry, case: Case) -> ActionRegistry:
@@ -596,54 +559,286 @@ class _RecordingTransaction:
         self.saved_assignments.extend(assignments)
 
 
-class ServiceDriver:
-    """The real service through ``levante.Client`` (GetStatus only: no store access).
+def case_workflow_names(case: Case) -> tuple[frozenset[str], bool]:
+    """The workflow names a case registers or calls by name, and whether it has subworkflows.
 
-    Checks that need more than GetStatus (action executions, child executions) report
-    "not observable here"; pick cases without them.
+    Registering a document makes its names point at it, and a subworkflow is looked up by
+    name when it starts; cases sharing one server therefore hold their names (see
+    :class:`NameLocks`).
+    """
+    try:
+        document = parse_document(case.definition)
+    except Exception:
+        return frozenset(), False  # refused at registration: it changes nothing
+    names = set(document.workflows)
+    children = False
+    for spec in document.workflows.values():
+        for task in spec.tasks.values():
+            if task.workflow is None:
+                continue
+            children = True
+            if isinstance(task.workflow, str) and not is_expression(task.workflow):
+                names.add(task.workflow)
+                if spec.workbook:
+                    names.add(f"{spec.workbook}.{task.workflow}")
+    return frozenset(names), children
+
+
+class NameLocks:
+    """Workflow names in use by the cases running on one server.
+
+    A case holds its names from just before it registers its definition until Run has
+    returned (an execution keeps the definition it started with), or until it ends when
+    it starts subworkflows (they are looked up by name when they start). 99 cases call
+    their workflow ``wf``: without this they would run each other's definitions.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+        self._changed = asyncio.Condition()
+
+    async def acquire(self, names: frozenset[str]) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: not names & self._held)
+            self._held |= names
+
+    async def release(self, names: frozenset[str]) -> None:
+        async with self._changed:
+            self._held -= names
+            self._changed.notify_all()
+
+
+class StoreReader:
+    """The server's SQLite file, read only: the rows GetStatus does not show.
+
+    The in-process driver reads action executions (assignments), child executions and
+    timers through its store; this reads the same rows of the real server's file with a
+    read-only connection (in WAL mode it sees the last commit and never blocks the
+    server). Row order is insertion order (rowid), as the in-process driver records it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        self._db.execute("PRAGMA busy_timeout=5000")
+
+    def close(self) -> None:
+        self._db.close()
+
+    @staticmethod
+    def _family(column: str, root: str) -> tuple[str, tuple[Any, ...]]:
+        """An execution and its subworkflows (whose ids start with ``<root>.``)."""
+        return f"({column} = ? OR substr({column}, 1, ?) = ?)", (root, len(root) + 1, root + ".")
+
+    def executions(self, root: str) -> list[ExecutionRecord]:
+        where, args = self._family("id", root)
+        found = self._db.execute(
+            f"SELECT {', '.join(rows.EXECUTION_COLUMNS)} FROM executions WHERE {where} "
+            "ORDER BY rowid", args,
+        ).fetchall()  # fmt: skip
+        return [rows.execution_from_row(r) for r in found]
+
+    def execution_ids_of(self, workflow: str) -> set[str]:
+        found = self._db.execute("SELECT id FROM executions WHERE workflow = ?", (workflow,))
+        return {str(r[0]) for r in found.fetchall()}
+
+    def _assignments(self, where: str, args: Sequence[Any]) -> list[AssignmentRecord]:
+        found = self._db.execute(
+            f"SELECT {', '.join(rows.ASSIGNMENT_COLUMNS)} FROM assignments WHERE {where} "
+            "ORDER BY rowid", args,
+        ).fetchall()  # fmt: skip
+        return [rows.assignment_from_row(r) for r in found]
+
+    def assignments(self, root: str) -> list[AssignmentRecord]:
+        where, args = self._family("execution_id", root)
+        return self._assignments(where, args)
+
+    def task_assignments(self, execution_id: str, task_name: str) -> list[AssignmentRecord]:
+        return self._assignments("execution_id = ? AND task_name = ?", (execution_id, task_name))
+
+    def assignment(self, assignment_id: str) -> AssignmentRecord | None:
+        found = self._assignments("id = ?", (assignment_id,))
+        return found[0] if found else None
+
+    def next_timer_due(self, root: str) -> float | None:
+        where, args = self._family("execution_id", root)
+        row = self._db.execute(f"SELECT MIN(due_at) FROM timers WHERE {where}", args).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+
+@dataclass
+class ServiceSession:
+    """What the cases running on one server share (one event loop)."""
+
+    client: Client
+    reader: StoreReader
+    mocks: Path  # the worker's mock book (see conformance_worker.MockBook)
+    served: frozenset[str]  # the actions the worker serves
+    names: NameLocks = field(default_factory=NameLocks)
+
+
+class ServiceDriver:
+    """One case on the real service: ``levante serve`` (SQLite) and a real worker process.
+
+    Everything the checks see comes through the client (Run, GetStatus, TaskComplete,
+    Pause/Resume, GetHistory for the states between polls); what GetStatus does not show
+    (action executions, subworkflow executions, timers, params) comes from the server's
+    store file through :class:`StoreReader`.
     """
 
     name = "service"
-    POLL = 0.02
+    POLL = 0.05
+    STUCK_CONFIRM = 0.3
 
-    def __init__(self, client: Any) -> None:
-        self.client = client
+    def __init__(self, session: ServiceSession, case: Case) -> None:
+        self.session = session
+        self.client = session.client
+        self.reader = session.reader
+        self.case = case
+        self.names, self.children = case_workflow_names(case)
+        self._holding = False
+        self._stuck_since: float | None = None
+        self._root = ""
+        self._before: set[str] = set()  # executions of the workflow before Run
+
+    async def __aenter__(self) -> ServiceDriver:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._release()
+
+    async def _release(self) -> None:
+        if self._holding:
+            self._holding = False
+            await self.session.names.release(self.names)
+
+    # -- register and start
 
     async def register(self, definition: str) -> list[str]:
+        await self.session.names.acquire(self.names)
+        self._holding = True
         try:
             return list(await self.client.register_workflows(definition))
         except InvalidArgumentError as e:  # INVALID_ARGUMENT: the service's DefinitionError
+            await self._release()
             raise DefinitionError(str(e)) from e
+        except BaseException:
+            await self._release()
+            raise
 
     async def start(self, workflow: str, input: Mapping[str, Any], params: Mapping[str, Any]
                     ) -> str:  # fmt: skip
-        return str(await self.client.run(workflow, input, params=params))
+        mocked = is_echo_mock(self.case.mock)
+        marker = self.session.mocks / "pending" / self.case.stem
+        self._before = self.reader.execution_ids_of(workflow)
+        if mocked:
+            marker.touch()
+        try:
+            execution_id = str(await self.client.run(workflow, input, params=params))
+            if mocked:
+                book = self.session.mocks / f"{execution_id}.json"
+                scratch = book.with_suffix(".tmp")
+                scratch.write_text(json.dumps(dict(self.case.mock or {})), encoding="utf-8")
+                scratch.rename(book)  # the worker never sees half a file
+        finally:
+            if mocked:
+                marker.unlink()
+        # A refused Run keeps the names until the case ends: its facts count executions
+        # of the workflow, which nobody else may start meanwhile.
+        if not self.children:
+            await self._release()
+        self._root = execution_id
+        return execution_id
+
+    # -- observing
 
     async def status(self, execution_id: str) -> ExecutionInfo:
         info: ExecutionInfo = await self.client.get_status(execution_id)
         return info
 
     async def changed(self, timeout: float) -> None:
-        await asyncio.sleep(min(timeout, self.POLL))  # the service has no change feed
+        # Polling: a WatchExecution stream per case would do, but every watch adds reads
+        # to the server, and the states seen in between come from GetHistory at the end.
+        await asyncio.sleep(min(timeout, self.POLL))
 
-    async def stuck(self, info: ExecutionInfo, completions_pending: bool) -> str | None:
-        return "the execution is PAUSED" if info.state == "PAUSED" else None
+    def _child_ids(self) -> set[str]:
+        return {str(e.id) for e in self.reader.executions(self._root)}
 
     async def settled(self, info: ExecutionInfo) -> bool:
-        return all(t.state in FINAL_STATES or t.state == "WAITING" for t in info.tasks)
+        if all(t.state in FINAL_STATES or t.state == "WAITING" for t in info.tasks):
+            return True
+        if self.reader.next_timer_due(self._root) is not None:
+            return False
+        for task in info.tasks:
+            if task.state in FINAL_STATES or not task.assignment_id:
+                continue
+            row = self.reader.assignment(task.assignment_id)
+            if row is None:
+                continue
+            if row.state == AssignmentState.LEASED or (
+                row.state == AssignmentState.QUEUED and row.action in self.session.served
+            ):
+                return False  # a worker has it or will take it
+        return True
+
+    async def stuck(self, info: ExecutionInfo, completions_pending: bool) -> str | None:
+        if info.state == "PAUSED":
+            return "the execution is PAUSED"
+        why = await self._cannot_move(info, completions_pending)
+        # GetStatus reads the execution and its tasks one after the other, and the store
+        # rows read here are newer still: a verdict counts once it has held for a while.
+        if why is None:
+            self._stuck_since = None
+            return None
+        now = time.monotonic()
+        if self._stuck_since is None:
+            self._stuck_since = now
+        return why if now - self._stuck_since >= self.STUCK_CONFIRM else None
+
+    async def _cannot_move(self, info: ExecutionInfo, completions_pending: bool) -> str | None:
+        if info.state != "RUNNING":
+            return None
+        if self.reader.next_timer_due(self._root) is not None:
+            return None  # a timer (wait-before, retry delay, timeout...) will move it
+        latest: dict[str, TaskInfo] = {}
+        for task in info.tasks:
+            latest[task.name] = task
+        reasons = []
+        for task in latest.values():
+            if task.state in FINAL_STATES:
+                continue
+            if task.state == "WAITING":
+                reasons.append(f"{task.name} waits for its join")
+                continue
+            if not task.assignment_id:
+                return None
+            row = self.reader.assignment(task.assignment_id)
+            if row is None:
+                return None
+            if row.state == AssignmentState.QUEUED and row.action not in self.session.served:
+                reasons.append(f"{task.name} waits for action {row.action!r}, which nobody serves")
+            elif row.state == AssignmentState.DEFERRED and not completions_pending:
+                reasons.append(f"{task.name} waits for an outside completion that never comes")
+            else:
+                return None
+        return "the execution is RUNNING but cannot move: " + (
+            "; ".join(reasons) if reasons else "every task is finished"
+        )
 
     async def deferred_attempts(self, execution_id: str, task: str) -> list[tuple[str, bool]]:
-        info = await self.status(execution_id)
-        return [(t.assignment_id, t.state == "RUNNING")
-                for t in info.tasks_named(task) if t.assignment_id]  # fmt: skip
+        children = self._child_ids()
+        return [
+            (str(a.id), a.state == AssignmentState.DEFERRED)
+            for a in self.reader.task_assignments(execution_id, task)
+            if a.state != AssignmentState.CHILD and str(a.id) not in children
+        ]
+
+    # -- acting
 
     async def complete(self, assignment_id: str, data: Any) -> None:
         await self.client.task_complete(assignment_id, result=data)
 
     def can_pause(self) -> bool:
-        return callable(getattr(self.client, "pause", None)) and callable(
-            getattr(self.client, "resume", None)
-        )
+        return True
 
     async def pause(self, execution_id: str) -> None:
         await self.client.pause(execution_id)
@@ -651,8 +846,135 @@ class ServiceDriver:
     async def resume(self, execution_id: str) -> None:
         await self.client.resume(execution_id)
 
+    # -- facts
+
     async def facts(self, execution_id: str, facts: Facts) -> None:
-        pass  # GetStatus shows neither action executions nor child executions
+        if not execution_id:  # Run was refused: which executions did it leave behind?
+            created = self.reader.execution_ids_of(self.case.workflow) - self._before
+            facts.executions = [await self.status(e) for e in sorted(created)]
+            facts.attempts = []
+            return
+        records = self.reader.executions(execution_id)
+        facts.executions = [await self.status(str(e.id)) for e in records]
+        facts.params = {str(e.id): dict(e.params) for e in records}
+        children = {str(e.id) for e in records}
+        attempts = []
+        for record in self.reader.assignments(execution_id):
+            if record.state == AssignmentState.CHILD or str(record.id) in children:
+                continue  # a subworkflow: counted as an execution, not an action execution
+            state = _mistral_action_state(record)
+            if state is None:
+                continue  # held back: not an action execution yet
+            value = record.outcome.value if record.outcome is not None else None
+            attempts.append(Attempt(str(record.id), record.task_name, str(record.execution_id),
+                                    record.attempt, record.action, state, value, record.item,
+                                    str(record.task_id)))  # fmt: skip
+        facts.attempts = attempts
+        if records and records[0].state.is_final:
+            facts.duration = records[0].updated_at - records[0].created_at
+        # Every state each task went through, also those between two polls.
+        for event in await self.client.history(execution_id):
+            if event.kind == "task" and event.task_name:
+                facts.observed.setdefault(event.task_name, set()).add(event.state)
+
+
+class ConformanceWorker(LevanteProcess):
+    """tests/support/conformance_worker.py as a child process, collected like the others.
+
+    (LevanteProcess starts ``python -m levante``; this starts the mock-serving worker.)
+    """
+
+    def __init__(self, engine: str, mocks: Path, concurrency: int = 64) -> None:
+        self.args = ["conformance_worker.py", "--engine", engine, "--mocks", str(mocks),
+                     "--concurrency", str(concurrency)]  # fmt: skip
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(SUPPORT), str(ROOT / "src"), env.get("PYTHONPATH", "")]
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SUPPORT / "conformance_worker.py"), *self.args[1:]],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=env, cwd=str(ROOT), text=True,
+        )  # fmt: skip
+        self.lines = []
+        self._new_lines = queue.Queue()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        # Attached: its actions are in the engine's catalogue, so work for them is taken.
+        self.wait_for_line("levante worker attached", timeout=60)
+
+
+class ConformanceService:
+    """One ``levante serve`` on a SQLite file and one worker process serving the mocks,
+    for running many cases (start it once, run every case through it)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.store = folder / "levante.db"
+        self.mocks = folder / "mocks"
+        self.server: EngineServer | None = None
+        self.worker: ConformanceWorker | None = None
+
+    def start(self) -> ConformanceService:
+        (self.mocks / "pending").mkdir(parents=True, exist_ok=True)
+        self.server = EngineServer(f"sqlite:///{self.store}").start()
+        self.worker = ConformanceWorker(self.server.address, self.mocks)
+        return self
+
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.terminate()
+        if self.server is not None:
+            for process in self.server.history:
+                process.terminate()
+
+    def __enter__(self) -> ConformanceService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def output(self) -> str:
+        """The server's and the worker's output, for a failure report."""
+        parts = []
+        if self.server is not None and self.server.process is not None:
+            parts.append("server:\n" + "\n".join(self.server.process.lines[-40:]))
+        if self.worker is not None:
+            parts.append("worker:\n" + "\n".join(self.worker.lines[-40:]))
+        return "\n".join(parts)
+
+    async def run_cases(self, cases: Iterable[Case], parallel: int = 24) -> dict[str, CaseResult]:
+        """Run cases concurrently through the service, on the running loop."""
+        assert self.server is not None
+        gate = asyncio.Semaphore(parallel)
+        ordered = sorted(cases, key=lambda c: -c.deadline)  # long (timing) cases first
+        served = frozenset(std_actions().names()) | frozenset(MOCKED_ACTIONS)
+        reader = StoreReader(self.store)
+        try:
+            async with Client(self.server.address) as client:
+                session = ServiceSession(client, reader, self.mocks, served)
+
+                async def one(case: Case) -> CaseResult:
+                    async with gate:
+                        try:
+                            async with ServiceDriver(session, case) as driver:
+                                return await run_case(case, driver)
+                        except Exception as e:  # a crash is a failure of that case
+                            result = CaseResult(case.stem, ServiceDriver.name)
+                            result.failures.append(
+                                f"{case.stem}: crashed: {type(e).__name__}: {e}"
+                            )
+                            return result
+
+                results = await asyncio.gather(*(one(c) for c in ordered))
+        finally:
+            reader.close()
+        return {r.case: r for r in results}
+
+    def run_cases_in_thread(self, cases: Iterable[Case], parallel: int = 24
+                            ) -> dict[str, CaseResult]:  # fmt: skip
+        return _in_thread(lambda: self.run_cases(list(cases), parallel))
 
 
 # ------------------------------------------------------------------ results
@@ -843,7 +1165,8 @@ class Runner:
         while not await self.driver.settled(info) and time.monotonic() < self.deadline:
             await self.driver.changed(SAFETY_POLL)
             info = await self._observe()
-        return info, ""
+        # settled() may have read rows newer than ``info``: look again, after it.
+        return await self._observe(), ""
 
     # -- steps
 
@@ -1443,26 +1766,36 @@ async def run_cases(cases: Iterable[Case], parallel: int = 16) -> dict[str, Case
     return {r.case: r for r in results}
 
 
-def run_cases_in_thread(cases: Iterable[Case], parallel: int = 16) -> dict[str, CaseResult]:
-    """run_cases on a fresh event loop of its own thread (callable from sync code)."""
-    found: dict[str, CaseResult] = {}
+T = TypeVar("T")
+
+
+def _in_thread(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine on a fresh event loop of its own thread (callable from sync code,
+    also from inside a running loop such as a pytest-asyncio test)."""
+    found: list[T] = []
     errors: list[BaseException] = []
-    cases = list(cases)
 
     def target() -> None:
+        async def main() -> T:
+            return await make()
+
         try:
-            found.update(asyncio.run(run_cases(cases, parallel)))
+            found.append(asyncio.run(main()))
         except BaseException as e:
             errors.append(e)
-
-    import threading
 
     thread = threading.Thread(target=target, name="conformance", daemon=True)
     thread.start()
     thread.join()
     if errors:
         raise errors[0]
-    return found
+    return found[0]
+
+
+def run_cases_in_thread(cases: Iterable[Case], parallel: int = 16) -> dict[str, CaseResult]:
+    """run_cases on a fresh event loop of its own thread (callable from sync code)."""
+    chosen = list(cases)
+    return _in_thread(lambda: run_cases(chosen, parallel))
 
 
 def snapshot(info: ExecutionInfo) -> dict[str, Any]:
@@ -1500,7 +1833,15 @@ def _main(argv: Sequence[str]) -> int:
     stems = [a for a in argv if not a.startswith("-")]
     paths = [CORPUS / f"{s}.yaml" for s in stems] if stems else case_paths()
     began = time.monotonic()
-    results = run_cases_in_thread(load_case(p) for p in paths)
+    cases = [load_case(p) for p in paths]
+    if "--service" in argv:
+        with (
+            tempfile.TemporaryDirectory(prefix="levante-conformance-") as folder,
+            ConformanceService(Path(folder)) as service,
+        ):
+            results = service.run_cases_in_thread(cases)
+    else:
+        results = run_cases_in_thread(cases)
     failed = 0
     for stem in sorted(results):
         result = results[stem]
@@ -1521,8 +1862,9 @@ def _main(argv: Sequence[str]) -> int:
 
 GAPS_HEADER = """\
 # Mistral conformance cases that fail today: `<case stem>  <reason>`, one per line.
-# tests/test_conformance.py marks them xfail(strict=True): remove a line as soon as its
-# case passes (the suite turns red until then). Regenerate from an actual run with
+# tests/test_conformance.py marks them xfail(strict=True), in process and through the
+# service alike: remove a line as soon as its case passes (the suite turns red until
+# then). Regenerate from an actual run with
 # `.venv/bin/python tests/support/conformance.py --quiet --write-gaps` (it keeps the
 # reasons of cases still failing, drops the cases that pass, adds new failures as
 # UNTRIAGED), then triage by hand. Reasons start with BUG (engine bug), MISSING (a

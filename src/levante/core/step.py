@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from levante.core.model import (
@@ -105,8 +106,13 @@ def error_message(error: Any) -> str:
     return json.dumps(error, sort_keys=True, default=str)
 
 
+def _timestamp(seconds: float) -> str:
+    """A task's time as Mistral shows it: UTC, ``YYYY-MM-DD HH:MM:SS[.ffffff]``."""
+    return datetime.fromtimestamp(seconds, UTC).replace(tzinfo=None).isoformat(" ")
+
+
 def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, Any]:
-    """What ``task('name')`` shows an expression."""
+    """What ``task('name')`` and ``tasks()`` show an expression."""
     view: dict[str, Any] = {
         "id": task.id,
         "name": task.name,
@@ -115,9 +121,12 @@ def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, A
         "result": task.result,
         "published": dict(task.published),
         "workflow_execution_id": task.execution_id,
+        "created_at": _timestamp(task.created_at),
+        "updated_at": _timestamp(task.updated_at),
     }
     if spec is not None and task.name in spec.tasks:
         view["spec"] = spec.task(task.name).view
+        view["type"] = "WORKFLOW" if spec.task(task.name).workflow is not None else "ACTION"
     return view
 
 
@@ -311,6 +320,16 @@ class _Host:
             return None
         task = self._step.latest.get(name)
         return None if task is None else task_view(task, self._step.spec)
+
+    def tasks(self) -> list[Mapping[str, Any]]:
+        # The newest execution of each task the step loaded (every task, when an
+        # expression calls tasks(): see expressions.referenced_task_names); earlier
+        # executions of a task that ran several times (a cycle) are not loaded.
+        latest = dict(self._step.latest)
+        current = self._current
+        if current is not None and latest.get(current.name, current).seq <= current.seq:
+            latest[current.name] = current
+        return [task_view(t, self._step.spec) for t in sorted(latest.values(), key=lambda t: t.seq)]
 
     def execution(self) -> Mapping[str, Any]:
         return {**self._step.execution_view(), "spec": self._step.spec.view}

@@ -26,8 +26,10 @@ Rules:
   size of what ``*``, ``**``, ``+``, ``~``, ``%``, ``str.format``, ``range`` and the
   amplifying filters may build. YAQL runs with ``limitIterators`` / ``memoryQuota`` and
   checked big-number and string operators. Rendered text is capped (:data:`MAX_RENDERED_LENGTH`).
-  CPU time is not fully bounded (nested loops, regular expressions): run untrusted
-  workflows under a process memory limit, as Mistral advises.
+  The work of one evaluate() call is metered (:class:`_Meter`, :data:`MAX_WORK_STEPS`):
+  calls, loop items and the size of the values handled, counted rather than timed so
+  that a replay evaluates the same way. A regular expression's backtracking is the one
+  thing left unbounded: run untrusted workflows under a process CPU limit.
 * Fast. The yaql engine and its root context are built once at import; parsed YAQL
   expressions and compiled Jinja templates are cached by source string (bounded LRU).
 """
@@ -35,6 +37,7 @@ Rules:
 from __future__ import annotations
 
 import collections.abc  # yaql 3.2 uses collections.abc without importing it: keep this first
+import contextvars
 import datetime
 import decimal
 import functools
@@ -45,10 +48,11 @@ import string
 import sys
 import types
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Protocol
 
 import jinja2
+import jinja2.compiler
 import jinja2.nodes
 import jinja2.utils
 import yaml
@@ -59,6 +63,7 @@ from jinja2.runtime import Context
 from jinja2.sandbox import SandboxedEnvironment, modifies_known_mutable
 from yaql.language import expressions as yaql_expressions
 from yaql.language import factory as yaql_factory
+from yaql.language import runner as yaql_runner
 from yaql.language import specs as yaql_specs
 from yaql.language import utils as yaql_utils
 from yaql.language import yaqltypes
@@ -67,6 +72,7 @@ from levante.errors import ExpressionError, LevanteError
 
 __all__ = [
     "MAX_RENDERED_LENGTH",
+    "MAX_WORK_STEPS",
     "NULL_HOST",
     "ExpressionHost",
     "NullHost",
@@ -100,6 +106,15 @@ JINJA_RANGE_BUDGET: Final = 1_000_000
 #: Parsed YAQL expressions and compiled Jinja templates kept, by source string.
 CACHE_SIZE: Final = 4096
 
+#: The work one evaluate() call may do, in steps (see :class:`_Meter`). The step costs
+#: below make it about two seconds of CPU on a small machine. Read at each evaluation.
+MAX_WORK_STEPS = 5_000_000
+YAQL_CALL_STEPS: Final = 200  # one yaql function or operator call (tens of microseconds)
+JINJA_CALL_STEPS: Final = 16  # one Jinja function, method, macro or filter call
+ITEM_STEPS: Final = 1  # one item a Jinja loop or a yaql function goes through one by one
+ITEMS_PER_STEP: Final = 4  # a list (dict, set, range) handed over or built, per this many items
+CHARS_PER_STEP: Final = 1024  # a string handed over or built, per this many characters
+
 
 # -- the host ----------------------------------------------------------------------------
 
@@ -112,6 +127,11 @@ class ExpressionHost(Protocol):
 
         ``None`` names the current task. ``None`` is returned for an unknown task.
         """
+        ...
+
+    def tasks(self) -> Sequence[Mapping[str, Any]]:
+        """Every task execution of the current execution the host knows, oldest first,
+        each as ``task(name)`` shows it, with ``type`` (``ACTION`` or ``WORKFLOW``)."""
         ...
 
     def execution(self) -> Mapping[str, Any]:
@@ -132,6 +152,9 @@ class NullHost:
 
     def task(self, name: str | None) -> Mapping[str, Any] | None:
         return None
+
+    def tasks(self) -> Sequence[Mapping[str, Any]]:
+        return ()
 
     def execution(self) -> Mapping[str, Any]:
         return {}
@@ -188,6 +211,107 @@ def is_expression(value: Any) -> bool:
 
 class _LimitExceeded(Exception):
     """An expression tried to build something larger than the limits allow."""
+
+
+# -- the work meter ----------------------------------------------------------------------
+
+
+def _size_steps(value: Any) -> int:
+    """What handing over or building ``value`` costs: copying or scanning it."""
+    if isinstance(value, (str, bytes, bytearray)):
+        return len(value) // CHARS_PER_STEP
+    if isinstance(value, (Mapping, list, tuple, set, frozenset, range)):
+        return len(value) // ITEMS_PER_STEP
+    return 0
+
+
+def _items_steps(value: Any) -> int:
+    """What a filter or test costs for its input: it may call Python code for each item
+    (a sort key, an attribute getter)."""
+    if isinstance(value, (Mapping, list, tuple, set, frozenset, range)):
+        return len(value) * ITEM_STEPS
+    return _size_steps(value)
+
+
+class _Meter:
+    """The work budget of one evaluate() call, counted in steps.
+
+    Time cannot be measured here (the language ring reads no clock, so that replaying an
+    execution evaluates the same way), so the work is counted instead: yaql function
+    calls, Jinja calls and filters, items that loops and functions go through, and the
+    size of the values handed to and built by them. Going over the budget raises; once
+    over, every later step raises again, so code that swallows one exception cannot go on.
+    """
+
+    __slots__ = ("budget", "left")
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.left = budget
+
+    def take(self, steps: int) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise _LimitExceeded(
+                f"the expression needs more than {self.budget} steps of work, the limit of "
+                "one evaluation (loops, function calls and the size of the values they handle)"
+            )
+
+    def take_size(self, value: Any) -> None:
+        steps = _size_steps(value)
+        if steps:
+            self.take(steps)
+
+    def items(self, iterable: Iterable[Any]) -> Iterator[Any]:
+        for item in iterable:
+            self.take(ITEM_STEPS)
+            yield item
+
+
+# The meter of the evaluation running in this thread (or asyncio task), if any.
+_METER: Final[contextvars.ContextVar[_Meter | None]] = contextvars.ContextVar(
+    "levante_expression_meter", default=None
+)
+
+
+def _install_yaql_meter() -> None:
+    """Count yaql's work: every function call and the items its functions iterate.
+
+    yaql has no evaluation hooks, so two of its module functions are wrapped: ``runner.call``
+    (which every function and operator call goes through) and ``utils.limit_iterable``
+    (which every collection parameter goes through). Outside an evaluation (no meter) the
+    wrappers only pass the call on; other users of yaql in the process are unaffected.
+    """
+    original_call = yaql_runner.call
+    original_limit = yaql_utils.limit_iterable
+    if getattr(original_call, "levante_metered", False):
+        return
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        meter = _METER.get()
+        if meter is None:
+            return original_call(*args, **kwargs)
+        meter.take(YAQL_CALL_STEPS)
+        result = original_call(*args, **kwargs)
+        meter.take_size(result)
+        return result
+
+    def limit_iterable(iterable: Any, limit_or_engine: Any) -> Any:
+        limited = original_limit(iterable, limit_or_engine)
+        meter = _METER.get()
+        if meter is None:
+            return limited
+        if isinstance(limited, (Mapping, Sequence, collections.abc.Set)):
+            meter.take_size(limited)  # a function may scan it in Python: charged up front
+            return limited
+        return meter.items(limited)
+
+    call.levante_metered = True  # type: ignore[attr-defined]
+    yaql_runner.call = call
+    yaql_utils.limit_iterable = limit_iterable
+
+
+_install_yaql_meter()
 
 
 def _yaql_failure(expression: str, error: BaseException) -> ExpressionError:
@@ -353,6 +477,43 @@ def _task_name(name: Any) -> str | None:
     return None if name is None else str(name)
 
 
+class _NotVisible(Exception):
+    """An expression asked for something the engine does not show expressions."""
+
+
+WORKFLOW_TASK_TYPE: Final = "WORKFLOW"
+
+
+def _tasks(
+    host: ExpressionHost,
+    workflow_execution_id: Any = None,
+    recursive: Any = False,
+    state: Any = None,
+    flat: Any = False,
+) -> list[Mapping[str, Any]]:
+    """Mistral's ``tasks(workflow_execution_id, recursive, state, flat)``, over what the
+    host knows: the task executions of the current execution (not of other executions,
+    and not those inside its subworkflows)."""
+    if workflow_execution_id is not None:
+        current = host.execution().get("id")
+        if str(workflow_execution_id) != current:
+            raise _NotVisible(
+                f"tasks() lists the tasks of the current execution ({current}) only, "
+                f"not those of execution {workflow_execution_id}"
+            )
+    found = list(host.tasks())
+    if recursive and any(t.get("type") == WORKFLOW_TASK_TYPE for t in found):
+        raise _NotVisible(
+            "tasks(recursive=true): the tasks inside subworkflow executions are not "
+            "visible to expressions"
+        )
+    if state:
+        found = [t for t in found if t.get("state") == state]
+    if flat:  # Mistral also keeps a workflow task whose state differs from its child's
+        found = [t for t in found if t.get("type") != WORKFLOW_TASK_TYPE]
+    return found
+
+
 # -- YAQL (mistral/expressions/yaql_expression.py) -----------------------------------------
 
 _YAQL_ENGINE_OPTIONS: Final[dict[str, Any]] = {
@@ -388,6 +549,16 @@ def _yaql_global(context: Any, var_name: Any) -> Any:
 
 def _yaql_task(context: Any, task_name: Any = None) -> Any:
     return _yaql_host(context).task(_task_name(task_name))
+
+
+def _yaql_tasks(
+    context: Any,
+    workflow_execution_id: Any = None,
+    recursive: Any = False,
+    state: Any = None,
+    flat: Any = False,
+) -> Any:
+    return _tasks(_yaql_host(context), workflow_execution_id, recursive, state, flat)
 
 
 def _yaql_json_dump(context: Any, data: Any) -> str:
@@ -493,6 +664,7 @@ _YAQL_FUNCTIONS: Final[dict[str, Callable[..., Any]]] = {
     "json_dump": _yaql_json_dump,
     "json_parse": _yaql_json_parse,
     "task": _yaql_task,
+    "tasks": _yaql_tasks,
     "uuid": _yaql_uuid,
     "yaml_dump": _yaql_yaml_dump,
     "yaml_parse": _yaql_yaml_parse,
@@ -678,7 +850,8 @@ def _mutation_target(function: Any, args: tuple[Any, ...]) -> tuple[Any, str] | 
 
 
 class _LevanteCodeGenerator(CodeGenerator):
-    """Compiles ``a ~ b`` into a size-checked join (the sandbox cannot intercept ``~``)."""
+    """Compiles ``a ~ b`` into a size-checked join and has ``{% for %}`` loops meter their
+    items (the sandbox intercepts neither)."""
 
     def visit_Concat(self, node: jinja2.nodes.Concat, frame: Frame) -> None:
         self.write("environment.levante_concat((")
@@ -686,6 +859,25 @@ class _LevanteCodeGenerator(CodeGenerator):
             self.visit(argument, frame)
             self.write(", ")
         self.write("))")
+
+    def visit_Operand(self, node: jinja2.nodes.Operand, frame: Frame) -> None:
+        if node.op not in ("in", "notin"):
+            super().visit_Operand(node, frame)
+            return
+        self.write(f" {jinja2.compiler.operators[node.op]} environment.levante_scanned(")
+        self.visit(node.expr, frame)
+        self.write(")")
+
+    def visit_For(self, node: jinja2.nodes.For, frame: Frame) -> None:
+        metered = jinja2.nodes.Call(
+            jinja2.nodes.EnvironmentAttribute("levante_items"), [node.iter], [], None, None,
+            lineno=node.lineno,
+        )  # fmt: skip
+        super().visit_For(
+            jinja2.nodes.For(node.target, metered, node.body, node.else_, node.test,
+                             node.recursive, lineno=node.lineno),
+            frame,
+        )  # fmt: skip
 
 
 class _Sandbox(SandboxedEnvironment):
@@ -700,7 +892,11 @@ class _Sandbox(SandboxedEnvironment):
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
         _check_binop(operator, left, right)
-        return self.binop_table[operator](left, right)
+        result = self.binop_table[operator](left, right)
+        meter = _METER.get()
+        if meter is not None:
+            meter.take_size(result)
+        return result
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         target = _mutation_target(__obj, args)
@@ -708,7 +904,28 @@ class _Sandbox(SandboxedEnvironment):
             state = __context.get(_JINJA_STATE_KEY)
             if not isinstance(state, _JinjaState) or state._protects(target[0]):
                 raise SecurityError(f"{target[1]}() would modify data the expression does not own")
-        return super().call(__context, __obj, *args, **kwargs)
+        meter = _METER.get()
+        if meter is None:
+            return super().call(__context, __obj, *args, **kwargs)
+        meter.take(JINJA_CALL_STEPS)
+        meter.take_size(getattr(__obj, "__self__", None))  # a method scans its object
+        for argument in (*args, *kwargs.values()):
+            meter.take_size(argument)
+        result = super().call(__context, __obj, *args, **kwargs)
+        meter.take_size(result)
+        return result
+
+    def levante_scanned(self, container: Any) -> Any:
+        """The right side of ``in``: a list or string is scanned, which is metered."""
+        meter = _METER.get()
+        if meter is not None and isinstance(container, (str, list, tuple)):
+            meter.take_size(container)
+        return container
+
+    def levante_items(self, iterable: Any) -> Any:
+        """What a ``{% for %}`` loop iterates: the same items, each one metered."""
+        meter = _METER.get()
+        return iterable if meter is None else meter.items(iterable)
 
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         wrapped = super().wrap_str_format(value)
@@ -728,7 +945,11 @@ class _Sandbox(SandboxedEnvironment):
 
     def levante_concat(self, parts: tuple[Any, ...]) -> str:
         texts = [str(part) for part in parts]
-        _check_string_size(sum(len(t) for t in texts))
+        size = sum(len(t) for t in texts)
+        _check_string_size(size)
+        meter = _METER.get()
+        if meter is not None:
+            meter.take(size // CHARS_PER_STEP)
         return "".join(texts)
 
 
@@ -905,6 +1126,25 @@ _FILTER_CHECKS: Final[dict[str, Callable[[inspect.BoundArguments], None]]] = {
 _FUNCTION_NAMES: Final = tuple(_YAQL_FUNCTIONS)
 
 
+def _metered(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a filter or test so that calling it, its arguments and its result are metered."""
+    passes_object = getattr(original, "jinja_pass_arg", None) is not None
+
+    @functools.wraps(original)
+    def metered(*args: Any, **kwargs: Any) -> Any:
+        meter = _METER.get()
+        if meter is None:
+            return original(*args, **kwargs)
+        meter.take(JINJA_CALL_STEPS)
+        for argument in (*args[1 if passes_object else 0 :], *kwargs.values()):
+            meter.take(_items_steps(argument))
+        result = original(*args, **kwargs)
+        meter.take_size(result)
+        return result
+
+    return metered
+
+
 def _build_jinja() -> _Sandbox:
     env = _Sandbox(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.globals["range"] = _jinja_range
@@ -913,6 +1153,10 @@ def _build_jinja() -> _Sandbox:
         env.filters[name] = _checked_filter(env.filters[name], check)
     for name in _FUNCTION_NAMES:
         env.filters[name] = _make_function_filter(name)
+    for name, original in list(env.filters.items()):
+        env.filters[name] = _metered(original)
+    for name, test in list(env.tests.items()):
+        env.tests[name] = _metered(test)  # type: ignore[arg-type]  # typeshed: "function"
     return env
 
 
@@ -1002,6 +1246,7 @@ class _Evaluation:
             "json_dump": _json_dump,
             "json_parse": _json_parse,
             "task": lambda task_name=None: remember(host.task(_task_name(task_name))),
+            "tasks": lambda *args, **kwargs: remember(_tasks(host, *args, **kwargs)),
             "uuid": _uuid,
             "yaml_dump": _yaml_dump,
             "yaml_parse": _yaml_parse,
@@ -1113,9 +1358,14 @@ def evaluate(value: Any, context: Any, host: ExpressionHost = NULL_HOST) -> Any:
     evaluates ad-hoc action ``output`` against the action's result).
 
     Raises ExpressionError naming the failing expression and the reason, e.g.
-    ``Can not evaluate YAQL expression [expression=$.x.y, error=...]``.
+    ``Can not evaluate YAQL expression [expression=$.x.y, error=...]``. The whole call may
+    do at most :data:`MAX_WORK_STEPS` steps of work (see :class:`_Meter`).
     """
-    return _Evaluation(context, host).value(value)
+    token = _METER.set(_Meter(MAX_WORK_STEPS))
+    try:
+        return _Evaluation(context, host).value(value)
+    finally:
+        _METER.reset(token)
 
 
 # -- syntax ------------------------------------------------------------------------------
@@ -1178,6 +1428,8 @@ def _literal_task_argument(value: Any, names: set[str]) -> None:
 
 def _yaql_task_names(node: Any, names: set[str]) -> None:
     if isinstance(node, yaql_expressions.Function):
+        if node.name == "tasks":
+            raise _Dynamic  # reads every task
         if node.name == "task":
             _yaql_task_call(node.args, names)
         elif node.name == "call" and not _yaql_names_other_function(node.args):
@@ -1192,7 +1444,11 @@ def _yaql_task_names(node: Any, names: set[str]) -> None:
 
 
 def _yaql_names_other_function(args: tuple[Any, ...]) -> bool:
-    return bool(args) and isinstance(args[0], yaql_expressions.Constant) and args[0].value != "task"
+    return (
+        bool(args)
+        and isinstance(args[0], yaql_expressions.Constant)
+        and args[0].value not in ("task", "tasks")
+    )
 
 
 def _yaql_task_call(args: tuple[Any, ...], names: set[str]) -> None:
@@ -1217,6 +1473,10 @@ def _jinja_task_call(args: list[Any], kwargs: list[Any], names: set[str]) -> Non
 
 
 def _jinja_task_names(tree: jinja2.nodes.Node, names: set[str]) -> None:
+    if any(n.name == "tasks" for n in tree.find_all(jinja2.nodes.Name)) or any(
+        n.name == "tasks" for n in tree.find_all(jinja2.nodes.Filter)
+    ):
+        raise _Dynamic  # tasks() reads every task
     direct_calls: set[int] = set()
     for call in tree.find_all(jinja2.nodes.Call):
         if isinstance(call.node, jinja2.nodes.Name) and call.node.name == "task":
@@ -1248,8 +1508,8 @@ def referenced_task_names(value: Any) -> frozenset[str] | None:
     """The task names used as literal arguments of ``task('x')`` in ``value``'s expressions.
 
     ``task()`` (the current task) adds nothing. ``None`` means some ``task(...)`` call has a
-    non-literal argument (or an expression does not parse): the caller must then assume
-    any task may be read.
+    non-literal argument, ``tasks()`` is used (or an expression does not parse): the caller
+    must then assume any task may be read.
     """
     names: set[str] = set()
     try:
