@@ -34,7 +34,19 @@ def counts(store_url: str) -> dict[str, int]:
 @pytest.fixture
 async def stub(server):  # type: ignore[no-untyped-def]
     async with grpc.aio.insecure_channel(server.address) as channel:
+        await declare(channel, "test.wait_deferred")
         yield pb_grpc.EngineStub(channel)
+
+
+async def declare(channel: grpc.aio.Channel, *actions: str) -> None:
+    """A worker serving ``actions`` attaches and leaves: they are known to the engine (a
+    task for them waits; a system that is not a worker completes it here)."""
+    hello = pb.WorkerMessage(hello=pb.Hello(worker_id="declarer", actions=actions, capacity=1))
+    call = pb_grpc.WorkersStub(channel).Subscribe(iter([hello]))
+    async for message in call:
+        if message.WhichOneof("kind") == "attached":
+            break
+    call.cancel()
 
 
 async def expect(call, code: grpc.StatusCode, *fragments: str) -> str:  # type: ignore[no-untyped-def]

@@ -20,6 +20,8 @@ from levante.store.base import Store
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "l.db")
     await s.open()
+    # The tests play the worker: its actions are in the catalogue, as a worker's hello puts them.
+    await s.declare_actions(["std.echo", "std.noop"], float("inf"), 0.0)
     try:
         yield s
     finally:

@@ -100,7 +100,7 @@ class NodeProcess:
 def start_worker(node: str, engine: str) -> NodeProcess:
     worker = NodeProcess(node, ["worker.js", "--engine", engine,
                                 "--heartbeat-seconds", str(HEARTBEAT_SECONDS)])  # fmt: skip
-    worker.wait_for_line("levante node worker serving")
+    worker.wait_for_line("levante node worker attached")
     return worker
 
 

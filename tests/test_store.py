@@ -791,8 +791,11 @@ async def test_release_extend_expire_and_defer(store: Store) -> None:
     assert [a.id for a in await store.expired_leases(300.0, 1)] == [ids[0]]
     assert [await store.get_assignment(i) for i in ids] == lease
 
-    # defer: a LEASED (or QUEUED) assignment becomes DEFERRED, once
-    assert await store.defer_assignment(ids[3], "w2") is True
+    # defer: a LEASED (or QUEUED) assignment becomes DEFERRED, once, by the worker holding it
+    holder = (await store.get_assignment(ids[3])).worker_id  # type: ignore[union-attr]
+    assert holder is not None
+    assert await store.defer_assignment(ids[3], f"not-{holder}") is False
+    assert await store.defer_assignment(ids[3], holder) is True
     deferred = await store.get_assignment(ids[3])
     assert deferred is not None and deferred.state == AssignmentState.DEFERRED
     assert deferred.lease_expires_at is None
@@ -919,6 +922,28 @@ async def test_announced_work_reaches_other_replicas_only_when_committed(store: 
         # Notifications arrive in commit order: the rolled-back one would have come first.
         assert await asyncio.wait_for(heard.get(), DEADLINE) == {"a", "b"}
         assert heard.empty()
+    finally:
+        await other.close()
+
+
+async def test_postgres_listens_again_after_losing_its_connection(pg: PostgresStore) -> None:
+    """The LISTEN connection is terminated (as when the database restarts): the store
+    opens a new one, announces the work queued meanwhile, and hears NOTIFYs again."""
+    heard: asyncio.Queue[set[str]] = asyncio.Queue()
+    assert await pg.subscribe(heard.put_nowait) is True
+    other = same_place(pg)  # another replica
+    await other.open()
+    try:
+        await queue(other, 1, action="missed")  # queued without a NOTIFY
+        first = pg._listeners[0]
+        await run_sql(other, "SELECT pg_terminate_backend($1)", first.get_server_pid())
+        # The reconnect announces what is queued, without waiting for a NOTIFY.
+        assert "missed" in await asyncio.wait_for(heard.get(), DEADLINE)
+        assert pg._listeners and pg._listeners[0] is not first
+        async with other.transaction() as tx:
+            await tx.announce({"later"})
+        while (got := await asyncio.wait_for(heard.get(), DEADLINE)) != {"later"}:
+            assert "missed" in got  # a repeat of the reconnect's announcement, at most
     finally:
         await other.close()
 
@@ -1152,6 +1177,7 @@ async def drive(engine: Engine, store: Store, worker: str = "w") -> int:
 
 
 async def test_the_engine_runs_a_chain_to_success(store: Store) -> None:
+    await store.declare_actions(["std.echo", "std.noop"], float("inf"), 0.0)  # as a worker would
     engine = Engine(store)
     await engine.register(chain(3))
     execution_id = await engine.run("chain", request_id="once")
@@ -1164,6 +1190,7 @@ async def test_the_engine_runs_a_chain_to_success(store: Store) -> None:
 
 
 async def test_the_engine_runs_many_executions_with_concurrent_workers(store: Store) -> None:
+    await store.declare_actions(["std.echo", "std.noop"], float("inf"), 0.0)  # as a worker would
     engine = Engine(store)
     await engine.register(chain(3))
     ids = [await engine.run("chain") for _ in range(12)]
@@ -1226,6 +1253,7 @@ async def test_postgres_two_replicas_running_one_request_id_start_one_execution(
     other = same_place(pg)
     await other.open()
     try:
+        await pg.declare_actions(["std.echo"], float("inf"), 0.0)  # as a worker would
         paused = _PausingStore(pg)
         first, second = Engine(paused), Engine(other)
         await first.register(chain(3))

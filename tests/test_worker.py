@@ -52,6 +52,7 @@ class FakeEngine(pb_grpc.WorkersServicer):
         self.closed: asyncio.Queue[int] = asyncio.Queue()  # streams the worker closed
         self.sent_order: list[str] = []  # task ids of results/deferrals, as received
         self.streams = 0
+        self.batches = 0  # WorkerBatch messages received
         self._out: asyncio.Queue[pb.EngineMessage | None] | None = None
 
     async def Subscribe(
@@ -81,7 +82,11 @@ class FakeEngine(pb_grpc.WorkersServicer):
 
     def _record(self, message: pb.WorkerMessage, out: asyncio.Queue[Any]) -> None:
         kind = message.WhichOneof("kind")
-        if kind == "hello":
+        if kind == "batch":
+            self.batches += 1
+            for inner in message.batch.messages:
+                self._record(inner, out)
+        elif kind == "hello":
             self.hellos.put_nowait(message.hello)
         elif kind == "result":
             self.sent_order.append(message.result.task_id)
@@ -727,3 +732,44 @@ def test_module_level_action_decorator() -> None:
         assert spec is not None and spec.fn is f
     finally:
         default_registry.unregister("tmp.module_level")
+
+
+async def test_results_ready_together_go_as_one_batch(engine: Engine) -> None:
+    registry = ActionRegistry()
+    gate = asyncio.Event()
+    total = 20
+
+    @registry.action("u.gated")
+    async def gated(name: str) -> str:
+        await gate.wait()
+        return name
+
+    async with running_worker(engine.address, registry, capacity=total,
+                              heartbeat_seconds=0.05):
+        hello = await within(engine.fake.hellos.get())
+        assert hello.accepts_batches
+        for i in range(total):
+            engine.fake.assign(f"g{i}", "u.gated", {"name": f"g{i}"})
+        while True:  # a heartbeat naming every assignment: all of them are running
+            beat = await within(engine.fake.heartbeats.get())
+            if set(beat.task_ids) == {f"g{i}" for i in range(total)}:
+                break
+        gate.set()  # every action finishes in the same turn of the event loop
+        done = [(await within(engine.fake.result())).task_id for _ in range(total)]
+    assert sorted(done) == sorted(f"g{i}" for i in range(total))
+    assert engine.fake.batches >= 1
+
+
+async def test_a_result_too_big_for_a_message_fails_the_task(engine: Engine) -> None:
+    registry = ActionRegistry()
+
+    @registry.action("u.huge")
+    async def huge() -> str:
+        return "x" * (17 * 1024 * 1024)  # over the engine's 16 MiB message size
+
+    async with running_worker(engine.address, registry):
+        await within(engine.fake.hellos.get())
+        engine.fake.assign("t-huge", "u.huge", {})
+        error = await engine.fake.error("t-huge")
+    assert error["type"] == "ResultTooLarge"
+    assert "u.huge" in error["message"]

@@ -114,6 +114,9 @@ class Worker {
         case 'assignment': this.accept(message.assignment); break;
         case 'ack': this.acknowledge(message.ack); break;
         case 'cancel': this.cancel(message.cancel); break;
+        case 'attached': // the engine accepted the hello: its actions are known there now
+          console.log(`levante node worker attached to ${this.engine}`);
+          break;
         default: log(`ignoring an engine message of kind ${message.kind}`);
       }
     });

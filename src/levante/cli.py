@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -13,8 +14,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+from levante import settings
 from levante.client import Client, ExecutionInfo, TaskInfo
 from levante.errors import LevanteError
+from levante.observability import logs
 
 DEFAULT_STORE = "sqlite:///levante.db"
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -29,29 +32,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the engine's gRPC server")
-    serve.add_argument(
-        "--store",
-        default=os.environ.get("LEVANTE_STORE", DEFAULT_STORE),
-        help="sqlite:///PATH or memory:// (env LEVANTE_STORE; default %(default)s)",
-    )
-    serve.add_argument(
-        "--listen",
-        default=os.environ.get("LEVANTE_LISTEN", DEFAULT_LISTEN),
-        help="HOST:PORT; port 0 picks a free one (env LEVANTE_LISTEN; default %(default)s)",
-    )
+    serve = sub.add_parser(
+        "serve", help="run the engine's gRPC server",
+        description="Run the engine's gRPC server. Each setting comes from its flag, else its "
+        "environment variable, else the --config file, else its default.",
+    )  # fmt: skip
+    serve.add_argument("--store", default=DEFAULT_STORE,
+                       help="sqlite:///PATH, postgresql://USER@HOST:PORT/DB or memory://")
+    serve.add_argument("--listen", default=DEFAULT_LISTEN,
+                       help="HOST:PORT of the gRPC server; port 0 picks a free one")
     serve.add_argument(
         "--lease-seconds", type=float, default=60.0,
-        help="how long a worker holds an assignment without a heartbeat (default %(default)s)",
+        help="how long a worker holds an assignment without a heartbeat",
     )  # fmt: skip
     serve.add_argument(
-        "--poll-seconds", type=float, default=float(os.environ.get("LEVANTE_POLL_SECONDS", 1.0)),
+        "--poll-seconds", type=float, default=1.0,
         help="how often to look for work queued by other replicas sharing the store; "
-        "0 when this server is the store's only engine (default %(default)s)",
+        "0 when this server is the store's only engine",
     )
+    serve.add_argument(
+        "--grace-seconds", type=float, default=5.0,
+        help="on SIGTERM, how long calls in flight (workers' streams too) may go on",
+    )  # fmt: skip
+    serve.add_argument(
+        "--metrics-listen", default="", metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )  # fmt: skip
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="text for people, json for one JSON object per line")  # fmt: skip
+    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    _add_security_and_limit_options(serve)
+    settings.layer(serve, env={"auth_tokens": "LEVANTE_AUTH_TOKENS_FILE"})  # after every option
 
     worker = sub.add_parser("worker", help="run a worker serving the std actions and yours")
     worker.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(worker)
     worker.add_argument(
         "--actions", action="append", default=[], metavar="MODULE",
         help="a module whose @action functions to serve (repeatable)",
@@ -70,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-i", "--input", default="{}", help="JSON, or @file.json")
     run.add_argument("--params", default="{}", help="JSON start params (env, task_name)")
     run.add_argument("--engine", default=None, help="HOST:PORT of a server; embedded if absent")
+    _add_connection_options(run)
     run.add_argument(
         "--store", default=DEFAULT_STORE, help="store of the embedded engine (default %(default)s)"
     )
@@ -79,10 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show an execution and its tasks")
     status.add_argument("execution_id")
     status.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     listing = sub.add_parser("list", help="list executions, newest first")
     listing.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(listing)
     listing.add_argument("--state", default="", help="only executions in this state")
     listing.add_argument("--workflow", default="", help="only executions of this workflow")
     listing.add_argument("--limit", type=int, default=50)
@@ -90,10 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     watch = sub.add_parser("watch", help="a live view of an execution's tasks until it ends")
     watch.add_argument("execution_id")
     watch.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(watch)
 
     history = sub.add_parser("history", help="every state change of an execution")
     history.add_argument("execution_id")
     history.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(history)
 
     for verb, text in (("pause", "pause an execution: running actions finish, nothing new starts"),
                        ("resume", "resume a paused execution"),
@@ -101,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
         lifecycle = sub.add_parser(verb, help=text)
         lifecycle.add_argument("execution_id")
         lifecycle.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+        _add_connection_options(lifecycle)
         if verb == "cancel":
             lifecycle.add_argument("--reason", default="")
 
@@ -108,7 +129,98 @@ def _parser() -> argparse.ArgumentParser:
     rerun.add_argument("execution_id")
     rerun.add_argument("task_name")
     rerun.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(rerun)
+
+    token = sub.add_parser("token", help="make bearer tokens for levante serve --auth-tokens")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    token_sub.add_parser("new", help="print a new random token")
+    token_hash = token_sub.add_parser(
+        "hash", help="read a token from stdin; print its SHA-256 (as ROLE:HASH with a role)"
+    )
+    token_hash.add_argument("role", nargs="?", choices=("client", "worker", "admin"))
+
+    from levante import graph as graphs
+
+    graph = sub.add_parser("graph", help="draw a workflow file or an execution as a graph")
+    graphs.add_arguments(graph)
+    graph.add_argument("--engine", default=os.environ.get("LEVANTE_ENGINE", DEFAULT_LISTEN))
+    _add_connection_options(graph)
     return p
+
+
+def _add_connection_options(command: argparse.ArgumentParser) -> None:
+    """How a client command or a worker reaches a server that wants a token or TLS."""
+    command.add_argument(
+        "--token", default=os.environ.get("LEVANTE_TOKEN"),
+        help="bearer token sent with every call (env LEVANTE_TOKEN)",
+    )  # fmt: skip
+    command.add_argument(
+        "--tls-ca", default=os.environ.get("LEVANTE_TLS_CA"), metavar="PEM",
+        help="CA certificate that signed the server's; turns TLS on (env LEVANTE_TLS_CA)",
+    )  # fmt: skip
+    command.add_argument(
+        "--tls-cert", default=os.environ.get("LEVANTE_TLS_CERT"), metavar="PEM",
+        help="client certificate, for a server that requires one (env LEVANTE_TLS_CERT)",
+    )  # fmt: skip
+    command.add_argument(
+        "--tls-key", default=os.environ.get("LEVANTE_TLS_KEY"), metavar="PEM",
+        help="the client certificate's private key (env LEVANTE_TLS_KEY)",
+    )  # fmt: skip
+
+
+def _add_security_and_limit_options(serve: argparse.ArgumentParser) -> None:
+    from levante.limits import Limits
+
+    serve.add_argument(
+        "--auth-tokens", default=None, metavar="FILE",
+        help="file of ROLE:SHA256HEX lines (roles client, worker, admin; see levante token); "
+        "entries in env LEVANTE_AUTH_TOKENS are added. No entries: authentication is off",
+    )  # fmt: skip
+    serve.add_argument("--tls-cert", default=None, metavar="PEM",
+                       help="server certificate: serve TLS (with --tls-key)")  # fmt: skip
+    serve.add_argument("--tls-key", default=None, metavar="PEM",
+                       help="the server certificate's private key")  # fmt: skip
+    serve.add_argument(
+        "--tls-ca", default=None, metavar="PEM",
+        help="CA of client certificates: with it, every client must present one (mutual TLS)",
+    )  # fmt: skip
+    for name, flag, default, text in Limits.options():
+        serve.add_argument(f"--{flag}", dest=f"max_{name}", type=int, default=default,
+                           metavar="N", help=f"limit: {text} (default %(default)s)")  # fmt: skip
+
+
+def _security_and_limits(args: argparse.Namespace) -> dict[str, Any]:
+    """ServerConfig fields from the serve flags of _add_security_and_limit_options."""
+    from levante.limits import Limits
+    from levante.rpc.auth import load_tokens
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("levante: --tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        raise SystemExit("levante: --tls-ca (client certificates) needs --tls-cert and --tls-key")
+    try:
+        tokens = load_tokens(args.auth_tokens, os.environ.get("LEVANTE_AUTH_TOKENS"))
+        limits = Limits(**{name: getattr(args, f"max_{name}") for name, *_ in Limits.options()})
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"levante: {e}") from None
+    return {
+        "auth_tokens": tokens, "limits": limits,
+        "tls_cert": args.tls_cert or "", "tls_key": args.tls_key or "", "tls_ca": args.tls_ca or "",
+    }  # fmt: skip
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """A Client for ``args.engine`` with the command's token and TLS options."""
+    try:
+        return Client(
+            args.engine,
+            token=getattr(args, "token", None),
+            tls_ca=getattr(args, "tls_ca", None),
+            tls_cert=getattr(args, "tls_cert", None),
+            tls_key=getattr(args, "tls_key", None),
+        )
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"levante: {e}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -132,6 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "resume": _lifecycle,
             "cancel": _lifecycle,
             "rerun": _lifecycle,
+            "token": _token,
+            "graph": _graph,
         }[args.command]
         return asyncio.run(command(args))
     except LevanteError as e:
@@ -145,14 +259,30 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from levante.observability.metrics import split_host_port
     from levante.rpc.server import LevanteServer, ServerConfig, serve
 
+    try:
+        settings.resolve(args)
+        logs.configure(args.log_format, args.log_level)
+        if args.metrics_listen:
+            split_host_port(args.metrics_listen)
+    except ValueError as e:
+        raise SystemExit(f"levante: {e}") from None
+
     def ready(server: LevanteServer) -> None:
+        if server.metrics_url:
+            print(f"levante metrics on {server.metrics_url}", flush=True)
         print(f"levante listening on {server.address}", flush=True)
 
     config = ServerConfig(store=args.store, listen=args.listen, lease_seconds=args.lease_seconds,
-                          poll_seconds=args.poll_seconds)  # fmt: skip
-    await serve(config, ready)
+                          poll_seconds=args.poll_seconds, grace_seconds=args.grace_seconds,
+                          metrics_listen=args.metrics_listen)  # fmt: skip
+    config = dataclasses.replace(config, **_security_and_limits(args))
+    try:
+        await serve(config, ready)
+    except OSError as e:  # an address in use, a port that cannot be bound
+        raise SystemExit(f"levante: {e}") from None
     return 0
 
 
@@ -177,6 +307,11 @@ async def _worker(args: argparse.Namespace) -> int:
         stop=stop,
         heartbeat_seconds=args.heartbeat_seconds,
         targets=args.target,
+        token=args.token,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        on_attached=lambda: print(f"levante worker attached to {args.engine}", flush=True),
     )
     # serve_worker has delivered what it could within its grace period. A plain
     # (thread-run) action that never returns cannot be interrupted and would keep the
@@ -212,7 +347,7 @@ async def _run(args: argparse.Namespace) -> int:
     workflow_input = _read_json_arg(args.input, "--input")
     params = _read_json_arg(args.params, "--params")
     if args.engine:
-        async with Client(args.engine) as client:
+        async with _client(args) as client:
             names = await client.register_workflows(definition)
             workflow = _pick_workflow(names, args.workflow)
             execution_id = await client.run(workflow, workflow_input, params=params)
@@ -264,7 +399,7 @@ def _short(task: TaskInfo) -> str:
 
 
 async def _status(args: argparse.Namespace) -> int:
-    async with Client(args.engine) as client:
+    async with _client(args) as client:
         info = await client.get_status(args.execution_id)
     if args.json:
         print(json.dumps(_info_dict(info), indent=2, sort_keys=True))
@@ -285,7 +420,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    async with Client(args.engine) as client:
+    async with _client(args) as client:
         found, _ = await client.list_executions(
             state=args.state, workflow=args.workflow, page_size=args.limit
         )
@@ -298,7 +433,7 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 async def _lifecycle(args: argparse.Namespace) -> int:
-    async with Client(args.engine) as client:
+    async with _client(args) as client:
         if args.command == "pause":
             info = await client.pause(args.execution_id)
         elif args.command == "resume":
@@ -312,7 +447,7 @@ async def _lifecycle(args: argparse.Namespace) -> int:
 
 
 async def _history(args: argparse.Namespace) -> int:
-    async with Client(args.engine) as client:
+    async with _client(args) as client:
         events = await client.history(args.execution_id)
     rows = [("SEQ", "AT", "WHAT", "STATE", "CAUSE", "INFO")]
     for e in events:
@@ -328,7 +463,7 @@ async def _watch(args: argparse.Namespace) -> int:
     tasks: dict[str, tuple[str, str, str]] = {}
     state = "?"
     interactive = sys.stdout.isatty()
-    async with Client(args.engine) as client:
+    async with _client(args) as client:
         async for event in client.watch(args.execution_id):
             if event.kind == "execution":
                 state = event.state
@@ -345,6 +480,26 @@ async def _watch(args: argparse.Namespace) -> int:
                 print(f"{what:<24} {event.state:<16} {event.cause}", flush=True)
     print(f"execution {args.execution_id} {state}")
     return 0 if state == "SUCCESS" else 1
+
+
+async def _graph(args: argparse.Namespace) -> int:
+    from levante import graph
+
+    return await graph.command(args, lambda: _client(args))
+
+
+async def _token(args: argparse.Namespace) -> int:
+    from levante.rpc.auth import hash_token, new_token
+
+    if args.token_command == "new":
+        print(new_token())
+        return 0
+    token = sys.stdin.readline().strip()
+    if not token:
+        raise SystemExit("levante: token hash reads the token from stdin; got nothing")
+    digest = hash_token(token)
+    print(f"{args.role}:{digest}" if args.role else digest)
+    return 0
 
 
 def _print_table(rows: Sequence[Sequence[str]]) -> None:

@@ -27,11 +27,14 @@ from levante.core.model import AssignmentRecord, AssignmentState, Outcome
 from levante.engine import Engine
 from levante.errors import ConflictError, InvalidArgumentError, NotFoundError
 from levante.ids import AssignmentId
-from levante.store.base import Store
+from levante.observability import metrics
+from levante.store.base import Store, StoreTransaction
 
 log = logging.getLogger("levante.dispatch")
 
 DEFAULT_LEASE_SECONDS = 60.0
+# At shutdown, how long to wait for ended streams to hand back their unsent assignments.
+DETACH_WAIT_SECONDS = 5.0
 
 
 @dataclass(eq=False)
@@ -47,6 +50,8 @@ class WorkerSession:
     # Set when one of its leases ran out: it gets no new work until it is heard from.
     silent: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    # Slots promised to claims running inside result transactions (see Dispatcher.result).
+    reserved: int = 0
 
 
 class Dispatcher:
@@ -70,21 +75,42 @@ class Dispatcher:
         self._sessions: dict[str, WorkerSession] = {}
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._lease_timer: asyncio.Task[None] | None = None
+        self._presence: asyncio.Task[None] | None = None
         self._expired = 0
+        self._draining = False  # shutting down: claim nothing, hand back only what was unsent
+        self._handing_back = 0
+        self._all_detached = asyncio.Event()
 
     # -- life cycle
 
     async def start(self) -> None:
         self._lease_timer = asyncio.create_task(self._expire_leases(), name="lease-timer")
+        self._presence = asyncio.create_task(self._declare_presence(), name="presence")
         # Other engine processes' work wakes our workers at once where the store can say
         # so (PostgreSQL LISTEN/NOTIFY); the poll below stays as a safety net.
         self.subscribed = await self._store.subscribe(self.notify)
         if self.poll_seconds:
             self._poller = asyncio.create_task(self._poll(self.poll_seconds), name="poller")
 
+    def drain(self) -> None:
+        """Shutdown begins: no more work is claimed for anyone.
+
+        Workers' results, deferrals and heartbeats are still heard while their streams
+        last. When a stream ends, ``detach`` hands back only the assignments that were
+        claimed for the worker but never sent: it may be running every other one, so
+        those stay leased to it. The worker names what it still holds to the next
+        engine it reaches (the rest are requeued then), or their leases run out.
+        """
+        self._draining = True
+
     async def close(self) -> None:
+        if self._draining and (self._sessions or self._handing_back):
+            # Streams cancelled by the server's stop detach after it returns: let them
+            # hand back what they must while the store is still open.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_detached.wait(), DETACH_WAIT_SECONDS)
         tasks = [*self._pumps.values()]
-        tasks += [t for t in (self._lease_timer, self._poller) if t is not None]
+        tasks += [t for t in (self._lease_timer, self._poller, self._presence) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -107,6 +133,8 @@ class Dispatcher:
             raise InvalidArgumentError("hello.capacity: must be at least 1")
         if not session.worker_id:
             raise InvalidArgumentError("hello.worker_id: required")
+        now = self._clock()
+        await self._store.declare_actions(session.actions, now + self.lease_seconds, now)
         released = await self._store.release_assignments(session.worker_id, keep=holding)
         session.in_flight.update(holding)
         previous = self._sessions.get(session.worker_id)
@@ -124,16 +152,79 @@ class Dispatcher:
             session.worker_id, sorted(session.actions), session.capacity, len(holding),
         )  # fmt: skip
 
-    async def detach(self, session: WorkerSession) -> None:
-        """The worker's session ended: what it held goes back to the queue."""
+    async def detach(self, session: WorkerSession, unsent: Collection[AssignmentId] = ()) -> None:
+        """The worker's session ended: what it held goes back to the queue.
+
+        ``unsent``: assignments the transport had not yet sent (see ``drain``).
+        """
         if self._sessions.get(session.worker_id) is not session:
             return  # a newer session of the same worker took over
         del self._sessions[session.worker_id]
         self._stop_pump(session)
+        if self._draining:
+            self._handing_back += 1
+            try:
+                await self._hand_back(session, unsent)
+            finally:
+                self._handing_back -= 1
+                if not self._sessions and not self._handing_back:
+                    self._all_detached.set()
+            return
         released = await self._store.release_assignments(session.worker_id)
         log.info("worker %s detached; %d assignments requeued", session.worker_id, released)
+        await self._offline(session.actions)
         if released:
             self.notify_all()
+
+    async def _hand_back(self, session: WorkerSession, unsent: Collection[AssignmentId]) -> None:
+        """Shutting down: assignments never sent to the worker are tried again at once.
+
+        Each one's lease is ended now and expired like a silent worker's (a new attempt
+        is queued, announced to the other engines; a late result for the old attempt is
+        refused as cancelled). Per assignment, so that nothing else leased to this
+        worker id, perhaps by another engine it has already reached, is touched.
+        """
+        ids = [i for i in unsent if i in session.in_flight]
+        if not ids:
+            return
+        try:
+            await self._store.extend_leases(session.worker_id, ids, self._clock())
+            for assignment_id in ids:
+                await self._engine.expire_lease(assignment_id)
+        except Exception:
+            log.exception("worker %s: handing back %d unsent assignments failed; their "
+                          "leases will run out", session.worker_id, len(ids))  # fmt: skip
+            return
+        metrics.redelivered(len(ids))
+        log.info("worker %s: %d assignments never sent were handed back",
+                 session.worker_id, len(ids))  # fmt: skip
+
+    async def _offline(self, actions: Collection[str]) -> None:
+        """Actions no worker attached here serves any more are offline (until a worker
+        attached to any engine declares them again)."""
+        served = {a for s in self._sessions.values() for a in s.actions}
+        gone = [a for a in actions if a not in served]
+        if gone:
+            try:
+                await self._store.actions_offline(gone, self._clock())
+            except Exception:
+                log.exception("marking actions offline failed")
+
+    async def _declare_presence(self) -> None:
+        """Keep the catalogue's online_until of the attached workers' actions ahead of
+        the clock (a third of a lease at a time), for every engine to read."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            served = {a for s in self._sessions.values() for a in s.actions}
+            if not served:
+                continue
+            try:
+                now = self._clock()
+                await self._store.declare_actions(served, now + self.lease_seconds, now)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("declaring the attached workers' actions failed; retrying")
 
     def _stop_pump(self, session: WorkerSession) -> None:
         pump = self._pumps.pop(session.worker_id, None)
@@ -166,8 +257,8 @@ class Dispatcher:
         while True:
             await session.wake.wait()
             session.wake.clear()
-            free = session.capacity - len(session.in_flight)
-            if free <= 0 or session.silent:
+            free = self._free(session)
+            if free <= 0 or session.silent or self._draining:
                 continue
             try:
                 claimed = await self._store.claim_assignments(
@@ -197,14 +288,61 @@ class Dispatcher:
         self, session: WorkerSession, assignment_id: AssignmentId, outcome: Outcome
     ) -> None:
         self.heard_from(session)
+        # The worker's next work is claimed in the transaction that records this
+        # result (one commit instead of two); the slots are reserved so that its pump
+        # cannot claim them meanwhile.
+        slots = self._free(session) + (1 if assignment_id in session.in_flight else 0)
+        if slots <= 0 or session.silent or self._draining:
+            slots = 0
+        claimed: list[AssignmentRecord] = []
+
+        async def claim_next(tx: StoreTransaction) -> None:
+            if self._sessions.get(session.worker_id) is session:
+                lease_until = self._clock() + self.lease_seconds
+                claimed.extend(await tx.claim_assignments(
+                    session.worker_id, session.actions, slots, lease_until, session.targets
+                ))  # fmt: skip
+
+        session.reserved += slots
         try:
-            await self._engine.complete(assignment_id, outcome)
+            await self._engine.complete(
+                assignment_id, outcome, worker_id=session.worker_id,
+                and_then=claim_next if slots else None,
+            )  # fmt: skip
+        except BaseException:
+            claimed.clear()  # rolled back with the transaction
+            raise
         finally:
+            session.reserved -= slots
             self._settled(session, assignment_id)
+        if claimed:
+            await self._hand_over(session, claimed)
+
+    def _free(self, session: WorkerSession) -> int:
+        return session.capacity - len(session.in_flight) - session.reserved
+
+    async def _hand_over(self, session: WorkerSession, claimed: list[AssignmentRecord]) -> None:
+        """Deliver assignments claimed for ``session`` in a transaction that has committed."""
+        current = self._sessions.get(session.worker_id)
+        if current is None:  # the stream ended meanwhile: back to the queue
+            if await self._store.release_assignments(session.worker_id):
+                self.notify_all()
+            return
+        for assignment in claimed:
+            current.in_flight.add(assignment.id)
+            await current.deliver(assignment)
 
     async def defer(self, session: WorkerSession, assignment_id: AssignmentId) -> None:
         self.heard_from(session)
         try:
+            held = await self._store.get_assignment(assignment_id)
+            if held is not None and held.state == AssignmentState.LEASED and (
+                held.worker_id not in (None, session.worker_id)
+            ):  # the stores defer whoever asks: a worker may defer only what it holds
+                raise ConflictError(
+                    f"task_id '{assignment_id}' is held by another worker, not "
+                    f"{session.worker_id}"
+                )
             if not await self._store.defer_assignment(assignment_id, session.worker_id):
                 found = await self._store.get_assignment(assignment_id)
                 if found is None:
@@ -256,9 +394,12 @@ class Dispatcher:
                     if holder is not None:
                         holder.silent = True
                     log.warning("assignment %s: the lease of worker %s ran out; trying again",
-                                assignment.id, assignment.worker_id)  # fmt: skip
+                                assignment.id, assignment.worker_id, extra={
+                                    "task_id": assignment.id, "worker_id": assignment.worker_id,
+                                })  # fmt: skip
                     await self._engine.expire_lease(assignment.id)
                     self._expired += 1
+                    metrics.lease_expired()
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -12,11 +12,12 @@ immutable and derived from the store.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,15 @@ from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.lang import expressions
 from levante.lang.parser import parse_document
 from levante.lang.spec import Document, WorkflowSpec
-from levante.store.base import Store, StoreTransaction
+from levante.limits import (
+    DEFAULT_LIMITS,
+    LimitExceededError,
+    Limits,
+    check_definition,
+    check_json_value,
+    check_task_count,
+)
+from levante.store.base import WAITING_FOR_WORKER, Store, StoreTransaction
 
 log = logging.getLogger("levante.engine")
 
@@ -98,9 +107,13 @@ def _index(definition_id: DefinitionId, spec: WorkflowSpec) -> _WorkflowIndex:
     dynamic = False
     values: list[Any] = [spec.output, spec.output_on_error]
     for task in spec.tasks.values():
+        policies = task.policies
         values += [task.action, task.workflow, dict(task.input), task.input_expression,
                    dict(task.publish), dict(task.publish_on_error), task.keep_result,
-                   task.policies.retry and vars(task.policies.retry), task.policies.fail_on]
+                   policies.retry and vars(policies.retry), policies.fail_on, policies.timeout,
+                   policies.wait_before, policies.wait_after, policies.pause_before,
+                   policies.concurrency, task.target,
+                   task.with_items and [v for _, v in task.with_items.variables]]
         for clause in task.clauses():
             values += [dict(clause.publish), dict(clause.publish_global)]
             values.extend((t.condition, dict(t.params)) for t in clause.transitions)
@@ -156,12 +169,15 @@ class Engine:
         on_dispatch: Callable[[Collection[str]], None] | None = None,
         clock: Callable[[], float] = time.time,
         new_execution_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.store = store
+        self.limits = limits
         self.listeners = EngineListeners(on_dispatch=on_dispatch)
         self._clock = clock
         self._new_execution_id = new_execution_id
         self._documents: dict[DefinitionId, Document] = {}
+        self._actions_online: dict[str, float] = {}  # see _action_online_until
         self._indexes: dict[tuple[DefinitionId, str], _WorkflowIndex] = {}
 
     def set_dispatch_listener(self, listener: Callable[[Collection[str]], None]) -> None:
@@ -171,7 +187,10 @@ class Engine:
 
     async def register(self, text: str) -> list[str]:
         """Parse, validate and store a document; returns the workflow names it defines."""
+        check_definition(text, self.limits)
         document = parse_document(text)
+        for workflow in document.workflows.values():
+            check_task_count(workflow.name, len(workflow.tasks), self.limits, workflow.line)
         names = list(document.workflows)
         definition_id = await self.store.save_definition(text, names, self._clock())
         self._documents[definition_id] = document
@@ -192,6 +211,7 @@ class Engine:
         spec = document.workflows.get(name)
         if spec is None:
             raise NotFoundError(f"workflow '{name}' not found in definition {definition_id}")
+        spec = dataclasses.replace(spec, max_with_items=self.limits.with_items)
         index = self._indexes[key] = _index(definition_id, spec)
         return index
 
@@ -212,6 +232,8 @@ class Engine:
         definition: str | None = None,
     ) -> ExecutionId:
         """Start an execution and queue its first tasks, in one transaction."""
+        check_json_value(dict(input or {}), "input_json", "input_bytes", self.limits)
+        check_json_value(dict(params or {}), "params_json", "input_bytes", self.limits)
         if definition:
             await self.register(definition)
         if not workflow:
@@ -251,12 +273,30 @@ class Engine:
 
     # -- TaskComplete
 
-    async def complete(self, assignment_id: AssignmentId, outcome: Outcome) -> None:
+    async def complete(
+        self,
+        assignment_id: AssignmentId,
+        outcome: Outcome,
+        *,
+        worker_id: str | None = None,
+        and_then: Callable[[StoreTransaction], Awaitable[None]] | None = None,
+    ) -> None:
         """Record one assignment's outcome and queue what became ready, in one transaction.
 
         The same outcome twice is accepted once; a different outcome for an assignment
-        already completed raises AlreadyCompletedError.
+        already completed raises AlreadyCompletedError. An outcome over the limits raises
+        LimitExceededError; but from ``worker_id`` (a worker reporting on its stream,
+        which cannot send a smaller one) it is recorded as the task's failure instead,
+        and it is refused (ConflictError) if another worker holds the assignment.
+        ``and_then`` runs in the same transaction after the decision is written.
         """
+        field = "result_json" if outcome.ok else "error_json"
+        try:
+            check_json_value(outcome.value, field, "result_bytes", self.limits)
+        except LimitExceededError as e:
+            if worker_id is None:
+                raise
+            outcome = Outcome.failure({"type": "LimitExceeded", "message": str(e)})
         effects = _Effects()
         async with self.store.transaction() as tx:
             # Looked up inside the transaction: the writer sees every commit, while a
@@ -268,6 +308,13 @@ class Engine:
             assignment = await tx.get_assignment(assignment_id)
             if execution is None or assignment is None:
                 raise NotFoundError(f"task_id '{assignment_id}' not found")
+            if (
+                worker_id is not None and assignment.worker_id not in (None, worker_id)
+                and assignment.state in (AssignmentState.LEASED, AssignmentState.DEFERRED)
+            ):  # fmt: skip
+                raise ConflictError(
+                    f"task_id '{assignment_id}' is held by another worker, not {worker_id}"
+                )
             if assignment.state == AssignmentState.DONE:
                 if assignment.outcome == outcome:
                     return
@@ -289,6 +336,8 @@ class Engine:
                 tx, {execution.id: execution}, assignment.task_id, assignment
             )
             await self._apply(tx, decide(index.spec, snapshot, event), effects)
+            if and_then is not None:  # the dispatcher claims the worker's next work here
+                await and_then(tx)
         self._notify(effects)
 
     # -- lifecycle
@@ -492,6 +541,9 @@ class Engine:
                 ExecutionPauseRequested() | ExecutionResumeRequested() | ExecutionCancelRequested()
             ):
                 return await self._execution_snapshot(tx, executions, event)
+            case AssignmentCompleted(assignment_id=completed, task_id=task_id):
+                handle = await tx.get_assignment(completed)
+                return await self._snapshot_for_task(tx, executions, task_id, handle)
             case ExecutionDrained(execution_id=execution_id):
                 execution = await self._execution(tx, executions, execution_id)
                 index = await self._workflow(execution.definition_id, execution.workflow)
@@ -536,6 +588,12 @@ class Engine:
             for command in decision.commands:
                 match command:
                     case DispatchAssignment(assignment=a):
+                        online_until = await self._action_online_until(tx, a.action)
+                        if online_until is None:
+                            followups.append(_unknown_action(a, self._clock()))
+                            continue
+                        if online_until <= self._clock():
+                            await _note_waiting_for_worker(tx, decision, a)
                         if a.action not in effects.actions:
                             effects.actions.add(a.action)
                             await tx.announce([a.action])
@@ -572,6 +630,17 @@ class Engine:
                         else:
                             followups.append(started)
             pending.extend(followups)
+
+    async def _action_online_until(self, tx: StoreTransaction, action: str) -> float | None:
+        """None when no worker ever declared ``action``; else until when one is known to
+        be connected. Read from the store's catalogue, cached while it says online."""
+        cached = self._actions_online.get(action)
+        if cached is not None and cached > self._clock():
+            return cached
+        found = (await tx.action_catalogue([action])).get(action)
+        if found is not None:
+            self._actions_online[action] = found
+        return found
 
     async def _start_child(
         self, tx: StoreTransaction, parent: ExecutionRecord, command: StartChildExecution
@@ -618,6 +687,28 @@ class Engine:
         if effects.voided and listeners.on_voided is not None:
             for prefix, reason in effects.voided.items():
                 listeners.on_voided([prefix], reason)
+
+
+def _unknown_action(assignment: AssignmentRecord, now: float) -> AssignmentCompleted:
+    """An action no worker has ever declared fails its task at once, as in Mistral."""
+    error = {
+        "type": "ActionNotFound",
+        "message": f"Failed to find action [action_name={assignment.action}]: no worker "
+        "has ever declared it",
+    }
+    return AssignmentCompleted(assignment.id, assignment.task_id, Outcome.failure(error), now)
+
+
+async def _note_waiting_for_worker(
+    tx: StoreTransaction, decision: Decision, assignment: AssignmentRecord
+) -> None:
+    """The action is known but no worker serving it is connected: the task says so until
+    one claims the assignment (the claim clears the note)."""
+    for task in decision.tasks:
+        if task.id == assignment.task_id and task.state == TaskState.RUNNING:
+            note = f"{WAITING_FOR_WORKER} '{assignment.action}': none is connected"
+            await tx.save_tasks([dataclasses.replace(task, state_info=note)])
+            return
 
 
 def _lifecycle_event(

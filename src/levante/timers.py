@@ -55,8 +55,11 @@ class Timekeeper:
                 delay = IDLE_RECHECK_SECONDS if due is None else due - self._clock()
                 delay = min(max(delay, 0.0), IDLE_RECHECK_SECONDS)
                 if delay > 0:
+                    # asyncio.timeout, not wait_for: on 3.11, cancelling a wait_for whose
+                    # inner wait was just woken can leave the task stuck "cancelling".
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), delay)
+                        async with asyncio.timeout(delay):
+                            await self._wake.wait()
                 self._wake.clear()
             except asyncio.CancelledError:
                 raise

@@ -162,7 +162,8 @@ class Worker:
         if worker_id:
             args += ["--worker-id", worker_id]
         self.process = LevanteProcess(args, env=env)
-        self.process.wait_for_line("levante worker serving")
+        # Attached: its actions are in the engine's catalogue, so work for them is taken.
+        self.process.wait_for_line("levante worker attached", timeout=60)
 
     def kill(self) -> None:
         self.process.kill()

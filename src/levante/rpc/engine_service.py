@@ -13,6 +13,7 @@ from levante.core.model import ExecutionRecord
 from levante.engine import Engine
 from levante.errors import InvalidArgumentError, LevanteError
 from levante.ids import AssignmentId, ExecutionId
+from levante.limits import check_json_text
 from levante.rpc import messages
 from levante.rpc.status import status_for, translate_errors
 from levante.v1 import levante_pb2 as pb
@@ -81,6 +82,8 @@ class EngineService(pb_grpc.EngineServicer):
     async def Run(
         self, request: pb.RunRequest, context: grpc.aio.ServicerContext
     ) -> pb.RunResponse:
+        for field in ("input_json", "params_json"):  # bounded before they are decoded
+            check_json_text(getattr(request, field), field, "input_bytes", self._engine.limits)
         workflow_input = messages.parse_json_object(request.input_json, "input_json")
         params = messages.parse_json_object(request.params_json, "params_json")
         execution_id = await self._engine.run(
@@ -98,6 +101,8 @@ class EngineService(pb_grpc.EngineServicer):
     ) -> pb.TaskCompleteResponse:
         if not request.task_id:
             raise InvalidArgumentError("task_id: required")
+        if (field := request.WhichOneof("outcome")) is not None:
+            check_json_text(getattr(request, field), field, "result_bytes", self._engine.limits)
         outcome = messages.outcome_of(request)
         await self._engine.complete(AssignmentId(request.task_id), outcome)
         return pb.TaskCompleteResponse()
@@ -178,14 +183,18 @@ class EngineService(pb_grpc.EngineServicer):
         try:
             execution_id = _required_id(request.execution_id)
             with self._changes.watch(execution_id) as changed:
-                execution, tasks = await self._engine.get_status(execution_id)
+                # History position first, then the status: a change committed between the
+                # two reads is in the status and is sent again from the history (a repeat,
+                # never a loss).
                 past = await self._engine.history(execution_id)
                 last = past[-1].seq if past else 0
+                execution, tasks = await self._engine.get_status(execution_id)
                 for event in messages.current_events(execution, tasks):
                     yield event
                 while not execution.state.is_final:
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(changed.wait(), WATCH_RECHECK_SECONDS)
+                        async with asyncio.timeout(WATCH_RECHECK_SECONDS):
+                            await changed.wait()
                     changed.clear()
                     for entry in await self._engine.history(execution_id, last):
                         last = entry.seq

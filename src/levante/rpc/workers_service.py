@@ -19,12 +19,16 @@ from levante.core.model import AssignmentRecord, Outcome
 from levante.dispatch import Dispatcher, WorkerSession
 from levante.errors import InvalidArgumentError, LevanteError, StoreError
 from levante.ids import AssignmentId
+from levante.observability import logs
 from levante.rpc import messages
 from levante.rpc.status import status_for
 from levante.v1 import levante_pb2 as pb
 from levante.v1 import levante_pb2_grpc as pb_grpc
 
 log = logging.getLogger("levante.rpc.workers")
+
+MAX_BATCH = 500  # engine messages in one EngineBatch
+MAX_BATCH_BYTES = 1024 * 1024  # a batch stops growing past this (messages may be 16 MiB)
 
 
 class WorkersService(pb_grpc.WorkersServicer):
@@ -45,6 +49,7 @@ class WorkersService(pb_grpc.WorkersServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "the first message on a stream must be hello"
             )
         hello = first.hello
+        logs.bind(worker_id=hello.worker_id)  # every line about this stream names its worker
         outbox: asyncio.Queue[pb.EngineMessage | None] = asyncio.Queue()
 
         async def deliver(assignment: AssignmentRecord) -> None:
@@ -64,18 +69,37 @@ class WorkersService(pb_grpc.WorkersServicer):
         except LevanteError as e:
             code, text = status_for(e)
             await context.abort(code, text)
+        outbox.put_nowait(pb.EngineMessage(attached=pb.Attached(
+            worker_id=session.worker_id, lease_seconds=self._dispatcher.lease_seconds
+        )))  # fmt: skip
         reader = asyncio.create_task(self._read(request_iterator, session, outbox))
         reader.add_done_callback(lambda _: outbox.put_nowait(None))
         try:
             while (message := await outbox.get()) is not None:
-                yield message
+                if not hello.accepts_batches or outbox.empty():
+                    yield message
+                    continue
+                # Everything that is ready goes as one message.
+                batch = [message]
+                size = message.ByteSize()
+                ended = False
+                while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not outbox.empty():
+                    more = outbox.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    batch.append(more)
+                    size += more.ByteSize()
+                yield pb.EngineMessage(batch=pb.EngineBatch(messages=batch))
+                if ended:
+                    break
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
             # Shielded: when the stream ends by cancellation, the release must still finish,
             # or the worker's assignments would wait for their leases to run out.
-            await asyncio.shield(self._dispatcher.detach(session))
+            await asyncio.shield(self._dispatcher.detach(session, _unsent(outbox)))
 
     async def _read(
         self,
@@ -83,27 +107,61 @@ class WorkersService(pb_grpc.WorkersServicer):
         session: WorkerSession,
         outbox: asyncio.Queue[pb.EngineMessage | None],
     ) -> None:
+        """Handle what the worker says. Results and deferrals are decided concurrently, so
+        those that arrive together share the store's commits; each is acknowledged when
+        its own decision is stored. A failure to store one ends the stream (the worker
+        resends what was not acknowledged on its next stream)."""
+        handling: set[asyncio.Task[None]] = set()
+
+        def failed(task: asyncio.Task[None]) -> None:
+            handling.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                log.error("worker %s: a result could not be stored: %s",
+                          session.worker_id, task.exception())  # fmt: skip
+                outbox.put_nowait(None)
+
+        def handle(message: pb.WorkerMessage) -> None:
+            kind = message.WhichOneof("kind")
+            if kind == "result":
+                work: Awaitable[None] = self._acknowledge(session, outbox, message.result)
+            elif kind == "defer":
+                work = self._deferred(session, outbox, AssignmentId(message.defer.task_id))
+            elif kind == "heartbeat":
+                work = self._dispatcher.heartbeat(
+                    session, [AssignmentId(i) for i in message.heartbeat.task_ids]
+                )
+            elif kind == "batch":
+                for inner in message.batch.messages:
+                    if inner.WhichOneof("kind") in ("result", "defer", "heartbeat"):
+                        handle(inner)
+                return
+            else:
+                log.warning("worker %s sent a %s mid-stream; ignored", session.worker_id, kind)
+                return
+            task = asyncio.ensure_future(work)
+            handling.add(task)
+            task.add_done_callback(failed)
+
         try:
             async for message in request_iterator:
-                kind = message.WhichOneof("kind")
-                if kind == "result":
-                    await self._acknowledge(session, outbox, message.result)
-                elif kind == "defer":
-                    task_id = AssignmentId(message.defer.task_id)
-                    ack = await self._ack(task_id, self._dispatcher.defer(session, task_id))
-                    outbox.put_nowait(ack)
-                elif kind == "heartbeat":
-                    await self._dispatcher.heartbeat(
-                        session, [AssignmentId(i) for i in message.heartbeat.task_ids]
-                    )
-                elif kind == "hello":
-                    log.warning("worker %s sent a second hello; ignored", session.worker_id)
+                handle(message)
         except grpc.aio.AioRpcError as e:
             log.info("worker %s stream ended: %s", session.worker_id, e.code())
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("worker %s stream failed", session.worker_id)
+        # Results already read are still decided and acknowledged.
+        if handling:
+            await asyncio.wait(list(handling))
+
+    async def _deferred(
+        self,
+        session: WorkerSession,
+        outbox: asyncio.Queue[pb.EngineMessage | None],
+        task_id: AssignmentId,
+    ) -> None:
+        outbox.put_nowait(await self._ack(task_id, self._dispatcher.defer(session, task_id)))
 
     async def _acknowledge(
         self,
@@ -136,6 +194,16 @@ class WorkersService(pb_grpc.WorkersServicer):
             raise
         except LevanteError as e:
             code, text = status_for(e)
-            log.info("task_id %s: %s %s", task_id, code.name, text)
+            log.info("task_id %s: %s %s", task_id, code.name, text, extra={"task_id": task_id})
             return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code=code.name, message=text))
         return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code="OK"))
+
+
+def _unsent(outbox: asyncio.Queue[pb.EngineMessage | None]) -> list[AssignmentId]:
+    """The assignments left in an ended stream's outbox: the worker never saw them."""
+    unsent = []
+    while not outbox.empty():
+        message = outbox.get_nowait()
+        if message is not None and message.WhichOneof("kind") == "assignment":
+            unsent.append(AssignmentId(message.assignment.task_id))
+    return unsent

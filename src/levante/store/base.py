@@ -29,7 +29,11 @@ from levante.core.model import (
 )
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# How a task's state_info starts while its action's workers are all offline; a claim of
+# its assignment clears it.
+WAITING_FOR_WORKER = "waiting for a worker serving"
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,11 @@ class StoreTransaction(Protocol):
         """``Store.claim_assignments`` inside this transaction (it sees this
         transaction's own writes): a worker that reports a result is handed its next
         work in the same commit."""
+        ...
+
+    async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
+        """Of these action names, those some worker has declared, each with the time
+        until which a worker serving it is known to be connected (``online_until``)."""
         ...
 
     async def announce(self, actions: Collection[str]) -> None:
@@ -219,6 +228,18 @@ class Store(Protocol):
     async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
         """Call ``on_work(actions)`` when another process announces work; False if this
         store cannot (then callers poll)."""
+        ...
+
+    async def declare_actions(
+        self, names: Collection[str], online_until: float, now: float
+    ) -> None:
+        """Workers serving these actions are connected (until ``online_until``, unless
+        declared again): they enter the catalogue of known actions for good."""
+        ...
+
+    async def actions_offline(self, names: Collection[str], now: float) -> None:
+        """This engine's last worker serving these actions left (others may still
+        declare them again)."""
         ...
 
     async def queued_action_names(self) -> set[str]:

@@ -19,11 +19,12 @@ from levante.core.model import (
     HistoryEntry,
     Outcome,
     TaskRecord,
+    TaskState,
     TimerRecord,
 )
 from levante.errors import RequestIdTakenError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
-from levante.store.base import StoredDefinition
+from levante.store.base import WAITING_FOR_WORKER, StoredDefinition
 
 
 class _Tables:
@@ -39,6 +40,7 @@ class _Tables:
         self.history: list[HistoryEntry] = []
         # QUEUED assignment ids in queue order, so that claims do not scan everything.
         self.queued: dict[AssignmentId, None] = {}
+        self.actions: dict[str, float] = {}  # the catalogue: name -> online_until
 
     def put_assignment(self, assignment: AssignmentRecord) -> None:
         self.assignments[assignment.id] = assignment
@@ -153,7 +155,16 @@ class MemoryTransaction:
                 )
                 self.assignments[a.id] = leased
                 claimed.append(leased)
+                task = await self.get_task(a.task_id)
+                if (
+                    task is not None and task.state == TaskState.RUNNING
+                    and task.state_info.startswith(WAITING_FOR_WORKER)
+                ):  # fmt: skip
+                    self.tasks[task.id] = replace(task, state_info="")
         return claimed
+
+    async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
+        return {n: self._t.actions[n] for n in names if n in self._t.actions}
 
     async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
         merged = {a.id: a for a in self._t.assignments.values() if a.task_id == task_id}
@@ -338,6 +349,17 @@ class MemoryStore:
         async with self.transaction() as tx:
             return await tx.claim_assignments(worker_id, actions, limit, lease_until, targets)
 
+    async def declare_actions(
+        self, names: Collection[str], online_until: float, now: float
+    ) -> None:
+        for name in names:
+            self._t.actions[name] = max(self._t.actions.get(name, online_until), online_until)
+
+    async def actions_offline(self, names: Collection[str], now: float) -> None:
+        for name in names:
+            if name in self._t.actions:
+                self._t.actions[name] = min(self._t.actions[name], now)
+
     async def release_assignments(
         self, worker_id: str, keep: Collection[AssignmentId] = ()
     ) -> int:
@@ -367,6 +389,8 @@ class MemoryStore:
             a = self._t.assignments.get(assignment_id)
             if a is None or a.state not in (AssignmentState.LEASED, AssignmentState.QUEUED):
                 return False
+            if a.worker_id not in (None, worker_id):
+                return False  # a worker defers only what it holds
             self._t.put_assignment(replace(
                 a, state=AssignmentState.DEFERRED, lease_expires_at=None
             ))

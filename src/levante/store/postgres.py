@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -41,7 +42,7 @@ from levante.core.model import (
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
-from levante.store.base import SCHEMA_VERSION, StoredDefinition
+from levante.store.base import SCHEMA_VERSION, WAITING_FOR_WORKER, StoredDefinition
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -149,6 +150,13 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX executions_listing ON executions(created_at, id);
     CREATE INDEX timers_by_execution ON timers(execution_id);
     """,
+    3: """
+    CREATE TABLE actions (
+        name TEXT PRIMARY KEY,
+        declared_at DOUBLE PRECISION NOT NULL,
+        online_until DOUBLE PRECISION NOT NULL
+    );
+    """,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
 
@@ -227,11 +235,15 @@ _CLAIM = (
     "WITH picked AS MATERIALIZED (SELECT id FROM assignments "
     "WHERE state='QUEUED' AND action = ANY($3::text[]) "
     "AND (target IS NULL OR target = ANY($5::text[])) "
-    "ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED) "
-    "UPDATE assignments a SET state='LEASED', worker_id=$1, "
+    "ORDER BY seq LIMIT $4 FOR UPDATE SKIP LOCKED), "
+    "claimed AS (UPDATE assignments a SET state='LEASED', worker_id=$1, "
     "lease_expires_at=LEAST($2, COALESCE(a.deadline, 'Infinity'::float8)) "
     "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
-    f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq"
+    f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq), "
+    # A task that waited for its action's workers to come online no longer does.
+    "cleared AS (UPDATE tasks t SET state_info='' FROM claimed c WHERE t.id = c.task_id "
+    f"AND t.state='RUNNING' AND t.state_info LIKE '{WAITING_FOR_WORKER}%') "
+    "SELECT * FROM claimed"
 )
 _INSERT_TIMER = (
     f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_params(len(rows.TIMER_COLUMNS))}) "
@@ -240,6 +252,7 @@ _INSERT_TIMER = (
 
 
 WORK_CHANNEL = "levante_work"
+log = logging.getLogger("levante.store.postgres")
 
 
 class PostgresTransaction:
@@ -269,6 +282,13 @@ class PostgresTransaction:
                 _CLAIM, worker_id, lease_until, sorted(actions), limit, sorted(targets)
             )
         return [rows.assignment_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
+
+    async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
+        with _Failing("cannot read the action catalogue"):
+            found = await self._conn.fetch(
+                "SELECT name, online_until FROM actions WHERE name = ANY($1::text[])", list(names)
+            )
+        return {r["name"]: float(r["online_until"]) for r in found}
 
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         with _Failing(f"cannot lock execution {execution_id}"):
@@ -455,10 +475,13 @@ class PostgresStore:
         self._max_size = max_size
         self._pool: Any = None
         self._listeners: list[Any] = []
+        self._closing = False
+        self._relisten: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         if self._pool is not None:
             return
+        self._closing = False
         try:
             with _Failing("cannot connect to PostgreSQL"):
                 pool = await asyncpg.create_pool(
@@ -479,20 +502,59 @@ class PostgresStore:
         self._pool = pool
 
     async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
-        """LISTEN on a connection of its own; each NOTIFY wakes ``on_work``."""
+        """LISTEN on a connection of its own; each NOTIFY wakes ``on_work``.
 
+        When that connection is lost (the database restarted, the backend was
+        terminated) it is opened again, with backoff, and the work queued meanwhile is
+        announced to ``on_work`` at once (its NOTIFYs were missed).
+        """
+        with _Failing("cannot listen for queued work"):
+            await self._listen(on_work)
+        return True
+
+    async def _listen(self, on_work: Callable[[set[str]], None]) -> None:
         def heard(connection: Any, pid: int, channel: str, payload: str) -> None:
             on_work({a for a in payload.split(",") if a})
 
-        with _Failing("cannot listen for queued work"):
-            listener = await asyncpg.connect(self.url)
+        def lost(connection: Any) -> None:
+            if connection in self._listeners:
+                self._listeners.remove(connection)
+            if not self._closing:
+                self._relisten = asyncio.get_running_loop().create_task(self._reopen(on_work))
+
+        listener = await asyncpg.connect(self.url)
+        try:
             await listener.add_listener(WORK_CHANNEL, heard)
+        except BaseException:
+            await listener.close()
+            raise
+        listener.add_termination_listener(lost)
         self._listeners.append(listener)
-        return True
+
+    async def _reopen(self, on_work: Callable[[set[str]], None]) -> None:
+        delay = 0.05
+        while not self._closing:
+            try:
+                await self._listen(on_work)
+                log.info("listening for queued work again")
+                on_work(await self.queued_action_names())
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("cannot listen for queued work yet (%s); retrying in %.1f s", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def close(self) -> None:
         """Close the pool, waiting CLOSE_GRACE_SECONDS at most for transactions to end."""
-        for listener in self._listeners:
+        self._closing = True
+        if self._relisten is not None:
+            self._relisten.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._relisten
+            self._relisten = None
+        for listener in list(self._listeners):
             with contextlib.suppress(Exception):
                 await listener.close()
         self._listeners.clear()
@@ -698,6 +760,27 @@ class PostgresStore:
         # RETURNING follows no order; the worker gets the oldest first.
         return [rows.assignment_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
 
+    async def declare_actions(
+        self, names: Collection[str], online_until: float, now: float
+    ) -> None:
+        if names:
+            with _Failing("cannot declare actions"):
+                await self._p.execute(
+                    "INSERT INTO actions (name, declared_at, online_until) "
+                    "SELECT unnest($1::text[]), $2, $3 ON CONFLICT (name) DO UPDATE SET "
+                    "online_until=GREATEST(actions.online_until, excluded.online_until)",
+                    sorted(names), now, online_until,
+                )  # fmt: skip
+
+    async def actions_offline(self, names: Collection[str], now: float) -> None:
+        if names:
+            with _Failing("cannot mark actions offline"):
+                await self._p.execute(
+                    "UPDATE actions SET online_until=$1 WHERE online_until > $1 "
+                    "AND name = ANY($2::text[])",
+                    now, sorted(names),
+                )  # fmt: skip
+
     async def release_assignments(self, worker_id: str, keep: Collection[AssignmentId] = ()) -> int:
         with _Failing(f"cannot release the assignments of worker {worker_id}"):
             status = await self._p.execute(
@@ -724,13 +807,13 @@ class PostgresStore:
             )
 
     async def defer_assignment(self, assignment_id: AssignmentId, worker_id: str) -> bool:
-        # As on SQLite, any worker may defer (worker_id is not checked).
         with _Failing(f"cannot defer assignment {assignment_id}"):
             status = await self._p.execute(
                 "UPDATE assignments SET state='DEFERRED', lease_expires_at=NULL "
-                "WHERE id=$1 AND state IN ('LEASED', 'QUEUED')",
-                assignment_id,
-            )
+                "WHERE id=$1 AND state IN ('LEASED', 'QUEUED') "
+                "AND (worker_id IS NULL OR worker_id=$2)",  # a worker defers only what it holds
+                assignment_id, worker_id,
+            )  # fmt: skip
         return _count(status) > 0
 
     async def queued_action_names(self) -> set[str]:

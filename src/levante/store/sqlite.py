@@ -40,7 +40,7 @@ from levante.core.model import (
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import rows
-from levante.store.base import SCHEMA_VERSION, StoredDefinition
+from levante.store.base import SCHEMA_VERSION, WAITING_FOR_WORKER, StoredDefinition
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -146,6 +146,13 @@ MIGRATIONS: dict[int, str] = {
     CREATE INDEX history_by_execution ON history(execution_id, seq);
     CREATE INDEX executions_listing ON executions(created_at, id);
     CREATE INDEX timers_by_execution ON timers(execution_id);
+    """,
+    3: """
+    CREATE TABLE actions (
+        name TEXT PRIMARY KEY,
+        declared_at REAL NOT NULL,
+        online_until REAL NOT NULL
+    );
     """,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
@@ -370,7 +377,22 @@ class SqliteTransaction:
         )
         claimed = [rows.assignment_from_row(r) for r in found]
         claimed.sort(key=lambda a: (a.created_at, a.id))
+        if claimed:
+            task_ids = list({a.task_id for a in claimed})
+            self._db.execute(
+                f"UPDATE tasks SET state_info='' WHERE id IN ({_placeholders(len(task_ids))}) "
+                "AND state='RUNNING' AND state_info LIKE ?",
+                (*task_ids, f"{WAITING_FOR_WORKER}%"),
+            )
         return claimed
+
+    async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
+        wanted = list(names)
+        found = self._all(
+            f"SELECT name, online_until FROM actions WHERE name IN ({_placeholders(len(wanted))})",
+            wanted,
+        )
+        return {r[0]: float(r[1]) for r in found}
 
     async def announce(self, actions: Collection[str]) -> None:
         return None  # nobody to tell: other processes sharing the store poll
@@ -548,8 +570,9 @@ class SqliteStore:
             raise StoreError(f"SQLite: {e}") from e
 
     async def _read_bulk(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._b.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+        # One call on aiosqlite's thread: overlapping reads with open cursors on one
+        # connection would share the oldest one's snapshot and miss later commits.
+        return list(await self._b.execute_fetchall(sql, params))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
@@ -791,13 +814,36 @@ class SqliteStore:
         async with self._write() as db:
             cur = db.execute(
                 "UPDATE assignments SET state='DEFERRED', lease_expires_at=NULL "
-                "WHERE id=? AND state IN ('LEASED', 'QUEUED')",
-                (assignment_id,),
+                "WHERE id=? AND state IN ('LEASED', 'QUEUED') "
+                "AND (worker_id IS NULL OR worker_id=?)",  # a worker defers only what it holds
+                (assignment_id, worker_id),
             )
             return cur.rowcount > 0
 
     async def subscribe(self, on_work: Callable[[set[str]], None]) -> bool:
         return False
+
+    async def declare_actions(
+        self, names: Collection[str], online_until: float, now: float
+    ) -> None:
+        if names:
+            async with self._write() as db:
+                db.executemany(
+                    "INSERT INTO actions (name, declared_at, online_until) VALUES (?, ?, ?) "
+                    "ON CONFLICT(name) DO UPDATE SET "
+                    "online_until=MAX(online_until, excluded.online_until)",
+                    [(name, now, online_until) for name in sorted(names)],
+                )
+
+    async def actions_offline(self, names: Collection[str], now: float) -> None:
+        wanted = sorted(names)
+        if wanted:
+            async with self._write() as db:
+                db.execute(
+                    f"UPDATE actions SET online_until=? WHERE online_until > ? "
+                    f"AND name IN ({_placeholders(len(wanted))})",
+                    (now, now, *wanted),
+                )
 
     async def queued_action_names(self) -> set[str]:
         found = self._read_all("SELECT DISTINCT action FROM assignments WHERE state='QUEUED'")

@@ -2,7 +2,8 @@
 
 This module owns everything between the engine and the actions of a registry:
 
-* connecting (``grpc.aio.insecure_channel``), saying ``Hello``, reconnecting with
+* connecting (plaintext, or TLS with ``tls_ca`` / ``tls_cert`` and ``tls_key``; a
+  bearer ``token`` with every stream), saying ``Hello``, reconnecting with
   exponential backoff and jitter when the stream breaks or the engine is away;
 * running assignments (sync actions in a thread pool, ``async def`` ones as
   asyncio tasks), never more than ``capacity`` at once, and ignoring duplicate
@@ -26,13 +27,15 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 import grpc
 
+from levante.rpc.auth import ClientCredentials
 from levante.v1 import levante_pb2 as pb
 from levante.v1 import levante_pb2_grpc as pb_grpc
 from levante.worker.invoke import invoke_action
@@ -53,6 +56,9 @@ BACKOFF_MAX_SECONDS: Final = 5.0
 GRACE_SECONDS: Final = 10.0
 # After closing its send side, how long the worker waits for the engine to end the stream.
 CLOSE_TIMEOUT_SECONDS: Final = 2.0
+
+# The engine refused this worker's token or certificate: worth a warning on every try.
+_REFUSED: Final = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 _worker_id: tuple[int, str] | None = None
 
@@ -76,10 +82,21 @@ async def serve_worker(
     *,
     grace_seconds: float = GRACE_SECONDS,
     targets: Sequence[str] = (),
+    token: str | None = None,
+    tls_ca: str | Path | None = None,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    on_attached: Callable[[], None] | None = None,
 ) -> None:
     """Serves ``registry``'s actions to the engine at ``engine`` (``host:port``).
 
+    ``on_attached`` is called each time an engine accepts this worker's hello (its
+    actions are then in the engine's catalogue).
+
     ``targets``: besides untargeted work, take the tasks whose ``target:`` is one of these.
+    ``token``: a bearer token of role ``worker``; ``tls_ca``: the CA that signed the
+    engine's certificate (TLS is used when it or a client certificate is given);
+    ``tls_cert`` and ``tls_key``: this worker's certificate, for mutual TLS.
 
     Runs until ``stop`` is set (then finishes gracefully: see the module
     docstring) or until the calling task is cancelled (then running actions are
@@ -100,6 +117,8 @@ async def serve_worker(
         heartbeat_seconds=heartbeat_seconds,
         grace_seconds=grace_seconds,
         targets=tuple(targets),
+        credentials=ClientCredentials.from_files(token, tls_ca, tls_cert, tls_key),
+        on_attached=on_attached,
     )
     await worker.run()
 
@@ -115,6 +134,11 @@ class _Held:
 
 # None on an outbox means: close the send side of the stream.
 _Outbox = asyncio.Queue[pb.WorkerMessage | None]
+MAX_BATCH = 500  # worker messages in one WorkerBatch
+MAX_BATCH_BYTES = 1024 * 1024  # a batch stops growing past this
+# The engine takes messages up to 16 MiB: a bigger result could never be delivered, so
+# it is reported as the task's failure instead.
+MAX_RESULT_BYTES = 16 * 1024 * 1024 - 64 * 1024
 
 
 class _Worker:
@@ -129,8 +153,12 @@ class _Worker:
         heartbeat_seconds: float,
         grace_seconds: float,
         targets: tuple[str, ...] = (),
+        credentials: ClientCredentials | None = None,
+        on_attached: Callable[[], None] | None = None,
     ) -> None:
+        self._on_attached = on_attached
         self._targets = targets
+        self._credentials = credentials or ClientCredentials()
         self._engine = engine
         self._registry = registry
         self._capacity = capacity
@@ -175,7 +203,8 @@ class _Worker:
                 try:
                     await self._session()
                 except grpc.aio.AioRpcError as exc:
-                    level = logging.WARNING if self._received else logging.INFO
+                    refused = exc.code() in _REFUSED  # retried: tokens may be fixed server-side
+                    level = logging.WARNING if self._received or refused else logging.INFO
                     self._log(level, "stream to %s ended: %s %s",
                               self._engine, exc.code().name, exc.details())
                 except Exception:
@@ -231,7 +260,8 @@ class _Worker:
         if timeout is not None and timeout <= 0:
             return False
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._changed.wait()
         except TimeoutError:
             return False
         return True
@@ -266,13 +296,13 @@ class _Worker:
 
     async def _session(self) -> None:
         """One stream, from Hello until it breaks or the worker has closed it."""
-        channel = grpc.aio.insecure_channel(self._engine)
+        channel = self._credentials.channel(self._engine)
         call: Any = None
         outbox: _Outbox = asyncio.Queue()
         tasks: list[asyncio.Task[None]] = []
         try:
             stub: Any = pb_grpc.WorkersStub  # generated without type hints
-            call = stub(channel).Subscribe()
+            call = stub(channel).Subscribe(metadata=self._credentials.metadata or None)
             hello = self._hello()
             outbox.put_nowait(hello)
             for message in self._unacked.values():
@@ -316,6 +346,7 @@ class _Worker:
                 capacity=self._capacity,
                 holding=holding,
                 targets=list(self._targets),
+                accepts_batches=True,
             )
         )
 
@@ -325,15 +356,26 @@ class _Worker:
             if message is grpc.aio.EOF:
                 return
             self._received = True
-            kind = message.WhichOneof("kind")
-            if kind == "assignment":
-                self._accept(message.assignment)
-            elif kind == "ack":
-                self._acknowledge(message.ack)
-            elif kind == "cancel":
-                self._cancel(message.cancel)
+            if message.WhichOneof("kind") == "batch":
+                for inner in message.batch.messages:
+                    self._handle(inner)
             else:
-                self._log(logging.DEBUG, "ignoring engine message of kind %s", kind)
+                self._handle(message)
+
+    def _handle(self, message: pb.EngineMessage) -> None:
+        kind = message.WhichOneof("kind")
+        if kind == "assignment":
+            self._accept(message.assignment)
+        elif kind == "ack":
+            self._acknowledge(message.ack)
+        elif kind == "cancel":
+            self._cancel(message.cancel)
+        elif kind == "attached":
+            self._log(logging.INFO, "attached to %s", self._engine)
+            if self._on_attached is not None:
+                self._on_attached()
+        else:
+            self._log(logging.DEBUG, "ignoring engine message of kind %s", kind)
 
     async def _write(self, call: Any, outbox: _Outbox) -> None:
         while True:
@@ -341,7 +383,27 @@ class _Worker:
             if message is None:
                 await call.done_writing()
                 return
-            await call.write(message)
+            if outbox.empty() or message.WhichOneof("kind") == "hello":
+                await call.write(message)
+                continue
+            # Results that are ready together go as one message.
+            batch = [message]
+            size = message.ByteSize()
+            ended = False
+            while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not outbox.empty():
+                more = outbox.get_nowait()
+                if more is None:
+                    ended = True
+                    break
+                batch.append(more)
+                size += more.ByteSize()
+            if len(batch) == 1:
+                await call.write(message)
+            else:
+                await call.write(pb.WorkerMessage(batch=pb.WorkerBatch(messages=batch)))
+            if ended:
+                await call.done_writing()
+                return
 
     async def _heartbeat(self, outbox: _Outbox) -> None:
         while True:
@@ -446,15 +508,18 @@ class _Worker:
         if invocation.deferred:
             self._log(logging.INFO, "%s deferred", assignment.action, task_id=tid)
             return pb.WorkerMessage(defer=pb.TaskDeferred(task_id=tid))
+        text = json.dumps(invocation.value)
+        if len(text) > MAX_RESULT_BYTES // 4 and len(text.encode()) > MAX_RESULT_BYTES:
+            what = "result" if invocation.ok else "error"
+            message = (f"{assignment.action} returned a {what} of {len(text.encode())} bytes; "
+                       f"at most {MAX_RESULT_BYTES} fit in a message to the engine")  # fmt: skip
+            self._log(logging.WARNING, "%s", message, task_id=tid)
+            return self._error(tid, "ResultTooLarge", message)
         if invocation.ok:
             self._log(logging.INFO, "%s succeeded", assignment.action, task_id=tid)
-            return pb.WorkerMessage(
-                result=pb.TaskResult(task_id=tid, result_json=json.dumps(invocation.value))
-            )
+            return pb.WorkerMessage(result=pb.TaskResult(task_id=tid, result_json=text))
         self._log(logging.INFO, "%s failed: %s", assignment.action, invocation.value, task_id=tid)
-        return pb.WorkerMessage(
-            result=pb.TaskResult(task_id=tid, error_json=json.dumps(invocation.value))
-        )
+        return pb.WorkerMessage(result=pb.TaskResult(task_id=tid, error_json=text))
 
     def _error(self, task_id: str, kind: str, message: str) -> pb.WorkerMessage:
         error_json = json.dumps({"type": kind, "message": message})
