@@ -140,3 +140,28 @@ async def check_catalogue(store: Store) -> None:
     await store.declare_actions(["b"], 200.0, 40.0)  # back online
     async with store.transaction() as tx:
         assert await tx.action_catalogue(["b"]) == {"b": 200.0}
+
+
+async def test_standard_actions_are_known_before_any_worker(
+    server: EngineServer, client: Client, worker_env: dict[str, str]
+) -> None:
+    await client.register_workflows("""
+version: '2.0'
+std_first:
+  tasks:
+    say:
+      action: std.echo output=early
+      publish:
+        said: <% task().result %>
+  output:
+    said: <% $.said %>
+""")
+    execution_id = await client.run("std_first")  # no worker has ever attached
+    (say,) = (await client.get_status(execution_id)).tasks_named("say")
+    assert say.state == "RUNNING" and say.state_info.startswith(WAITING_FOR_WORKER)
+    worker = Worker(server.address, env=worker_env)
+    try:
+        info = await client.wait(execution_id, timeout=30)
+    finally:
+        worker.stop()
+    assert info.state == "SUCCESS" and info.output == {"said": "early"}

@@ -640,6 +640,8 @@ class Engine:
         found = (await tx.action_catalogue([action])).get(action)
         if found is not None:
             self._actions_online[action] = found
+        elif action.startswith(STANDARD_ACTION_PREFIX):
+            return 0.0  # the standard actions are known before any worker declares them
         return found
 
     async def _start_child(
@@ -687,6 +689,11 @@ class Engine:
         if effects.voided and listeners.on_voided is not None:
             for prefix, reason in effects.voided.items():
                 listeners.on_voided([prefix], reason)
+
+
+# Every bundled worker serves the standard actions, as Mistral always knows them: a
+# std.* task waits for a worker (it never fails as unknown) even on a fresh store.
+STANDARD_ACTION_PREFIX = "std."
 
 
 def _unknown_action(assignment: AssignmentRecord, now: float) -> AssignmentCompleted:
