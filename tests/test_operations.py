@@ -405,7 +405,7 @@ async def test_json_logs_of_a_real_server_carry_the_ids(
         env=worker_env,
     )  # fmt: skip
     started.append(silent)
-    silent.wait_for_line("levante worker serving")
+    silent.wait_for_line("levante worker attached")
     async with Client(server.address) as client:
         await client.register_workflows(RETRIED)
         execution_id = await client.run("retried")

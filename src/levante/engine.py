@@ -70,7 +70,7 @@ from levante.errors import (
 )
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.lang import expressions
-from levante.lang.parser import parse_document
+from levante.lang.parser import parse_document_cached
 from levante.lang.spec import Document, WorkflowSpec
 from levante.limits import (
     DEFAULT_LIMITS,
@@ -188,7 +188,7 @@ class Engine:
     async def register(self, text: str) -> list[str]:
         """Parse, validate and store a document; returns the workflow names it defines."""
         check_definition(text, self.limits)
-        document = parse_document(text)
+        document = parse_document_cached(text)
         for workflow in document.workflows.values():
             check_task_count(workflow.name, len(workflow.tasks), self.limits, workflow.line)
         names = list(document.workflows)
@@ -206,7 +206,7 @@ class Engine:
             stored = await self.store.get_definition(definition_id)
             if stored is None:
                 raise NotFoundError(f"workflow definition {definition_id} not found")
-            document = parse_document(stored.text)
+            document = parse_document_cached(stored.text)
             self._documents[definition_id] = document
         spec = document.workflows.get(name)
         if spec is None:

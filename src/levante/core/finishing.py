@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from levante.core.model import (
@@ -40,6 +39,7 @@ from levante.core.model import (
     TimerFired,
     TimerRecord,
     VoidAssignment,
+    replace,
 )
 from levante.core.running import (
     TaskStartError,

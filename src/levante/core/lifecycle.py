@@ -13,8 +13,6 @@ The engine checks that the request fits the execution's state before deciding.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from levante.core.finishing import take_transitions
 from levante.core.model import (
     BacklogResumed,
@@ -26,6 +24,7 @@ from levante.core.model import (
     StartTimer,
     TaskState,
     TimerRecord,
+    replace,
 )
 from levante.core.running import start
 from levante.core.step import Step

@@ -8,12 +8,40 @@ arrive inside events, so replaying the same events gives the same decisions.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
+
+R = TypeVar("R")
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
+
+
+def replace(record: R, /, **changes: Any) -> R:
+    """``dataclasses.replace`` for the core's frozen records, several times faster.
+
+    The records have no ``__post_init__`` and no slots, so a copy of the instance
+    dictionary with the changes applied is the same value ``dataclasses.replace`` would
+    build; field names are still checked. (Every task and execution change in a decision
+    goes through here.)
+    """
+    cls = type(record)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        if hasattr(cls, "__post_init__") or not hasattr(record, "__dict__"):
+            return dataclasses.replace(record, **changes)  # type: ignore[type-var]
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))  # type: ignore[arg-type]
+    if not names.issuperset(changes):
+        unknown = sorted(set(changes) - names)
+        raise TypeError(f"{cls.__name__} has no field(s) {unknown}")
+    copy = object.__new__(cls)
+    state = copy.__dict__
+    state.update(record.__dict__)
+    state.update(changes)
+    return copy
 
 
 class ExecutionState(StrEnum):

@@ -15,7 +15,6 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import Any
 
 from levante.core.model import (
@@ -31,6 +30,7 @@ from levante.core.model import (
     TaskRecord,
     TaskState,
     TimerRecord,
+    replace,
 )
 from levante.core.step import Step, merge_by_version
 from levante.errors import ExpressionError

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,6 +23,7 @@ from levante.core.model import (
     Outcome,
     Snapshot,
     TaskRecord,
+    replace,
 )
 from levante.errors import ExpressionError
 from levante.ids import TaskId

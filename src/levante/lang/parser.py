@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import re
 import uuid
@@ -1249,6 +1250,17 @@ def _action(full_name: str, entry: _Entry) -> ActionSpec:
 
 
 # --------------------------------------------------------------------- documents
+
+
+@functools.lru_cache(maxsize=128)
+def parse_document_cached(text: str) -> Document:
+    """``parse_document``, remembering the last documents parsed in this process.
+
+    Documents are immutable, so one parse serves every engine in the process that
+    registers or loads the same text (a script calling ``run_workflow`` in a loop, an
+    engine loading a definition its replica registered). Errors are not cached.
+    """
+    return parse_document(text)
 
 
 def parse_document(text: str | bytes) -> Document:

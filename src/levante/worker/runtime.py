@@ -472,7 +472,7 @@ class _Worker:
         try:
             async with self._slots:
                 held.running = True
-                self._log(logging.INFO, "running %s (attempt %d)", assignment.action,
+                self._log(logging.DEBUG, "running %s (attempt %d)", assignment.action,
                           assignment.attempt, task_id=tid)
                 try:
                     message = await self._outcome(assignment)
@@ -516,7 +516,9 @@ class _Worker:
             self._log(logging.WARNING, "%s", message, task_id=tid)
             return self._error(tid, "ResultTooLarge", message)
         if invocation.ok:
-            self._log(logging.INFO, "%s succeeded", assignment.action, task_id=tid)
+            # Per-task success lines are DEBUG: at INFO they cost the worker more than a
+            # std.noop does (failures and deferrals stay INFO).
+            self._log(logging.DEBUG, "%s succeeded", assignment.action, task_id=tid)
             return pb.WorkerMessage(result=pb.TaskResult(task_id=tid, result_json=text))
         self._log(logging.INFO, "%s failed: %s", assignment.action, invocation.value, task_id=tid)
         return pb.WorkerMessage(result=pb.TaskResult(task_id=tid, error_json=text))
