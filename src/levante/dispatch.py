@@ -296,25 +296,34 @@ class Dispatcher:
             slots = 0
         claimed: list[AssignmentRecord] = []
 
-        async def claim_next(tx: StoreTransaction) -> None:
+        claim_ran = False
+
+        async def claim_next(tx: StoreTransaction) -> list[str]:
+            nonlocal claim_ran
             if self._sessions.get(session.worker_id) is session:
+                claim_ran = True
                 lease_until = self._clock() + self.lease_seconds
                 claimed.extend(await tx.claim_assignments(
                     session.worker_id, session.actions, slots, lease_until, session.targets
                 ))  # fmt: skip
+            return [a.id for a in claimed]
 
         session.reserved += slots
+        queue_empty = False
         try:
             await self._engine.complete(
                 assignment_id, outcome, worker_id=session.worker_id,
                 and_then=claim_next if slots else None,
             )  # fmt: skip
+            # A claim that took fewer than it could found the queue empty for this
+            # worker: its pump has nothing to do until new work is announced.
+            queue_empty = claim_ran and len(claimed) < slots
         except BaseException:
             claimed.clear()  # rolled back with the transaction
             raise
         finally:
             session.reserved -= slots
-            self._settled(session, assignment_id)
+            self._settled(session, assignment_id, wake=not queue_empty)
         if claimed:
             await self._hand_over(session, claimed)
 
@@ -360,10 +369,13 @@ class Dispatcher:
             session.worker_id, ids, self._clock() + self.lease_seconds
         )
 
-    def _settled(self, session: WorkerSession, assignment_id: AssignmentId) -> None:
+    def _settled(
+        self, session: WorkerSession, assignment_id: AssignmentId, wake: bool = True
+    ) -> None:
         if assignment_id in session.in_flight:
             session.in_flight.discard(assignment_id)
-            session.wake.set()
+            if wake:
+                session.wake.set()
 
     async def _poll(self, interval: float) -> None:
         """Wake workers for work that other engine processes queued."""

@@ -138,7 +138,11 @@ def _index(definition_id: DefinitionId, spec: WorkflowSpec) -> _WorkflowIndex:
 class _Effects:
     """What to tell the world once the transaction has committed."""
 
-    actions: set[str] = field(default_factory=set)
+    actions: set[str] = field(default_factory=set)  # announced (queued or resumed)
+    # Assignments queued by this transaction and not claimed in it, by action: workers
+    # are woken only for these.
+    queued: dict[AssignmentId, str] = field(default_factory=dict)
+    resumed: set[str] = field(default_factory=set)
     earliest_timer: float | None = None
     ended: set[ExecutionId] = field(default_factory=set)
     changed: set[ExecutionId] = field(default_factory=set)
@@ -279,7 +283,7 @@ class Engine:
         outcome: Outcome,
         *,
         worker_id: str | None = None,
-        and_then: Callable[[StoreTransaction], Awaitable[None]] | None = None,
+        and_then: Callable[[StoreTransaction], Awaitable[Collection[str]]] | None = None,
     ) -> None:
         """Record one assignment's outcome and queue what became ready, in one transaction.
 
@@ -288,7 +292,8 @@ class Engine:
         LimitExceededError; but from ``worker_id`` (a worker reporting on its stream,
         which cannot send a smaller one) it is recorded as the task's failure instead,
         and it is refused (ConflictError) if another worker holds the assignment.
-        ``and_then`` runs in the same transaction after the decision is written.
+        ``and_then`` runs in the same transaction after the decision is written; it
+        returns the ids of the assignments it claimed (no worker is woken for those).
         """
         field = "result_json" if outcome.ok else "error_json"
         try:
@@ -337,7 +342,8 @@ class Engine:
             )
             await self._apply(tx, decide(index.spec, snapshot, event), effects)
             if and_then is not None:  # the dispatcher claims the worker's next work here
-                await and_then(tx)
+                for claimed in await and_then(tx):
+                    effects.queued.pop(AssignmentId(claimed), None)  # nobody to wake for it
         self._notify(effects)
 
     # -- lifecycle
@@ -594,6 +600,7 @@ class Engine:
                             continue
                         if online_until <= self._clock():
                             await _note_waiting_for_worker(tx, decision, a)
+                        effects.queued[a.id] = a.action
                         if a.action not in effects.actions:
                             effects.actions.add(a.action)
                             await tx.announce([a.action])
@@ -613,6 +620,7 @@ class Engine:
                         await tx.resume_assignments(execution_id)
                         resumed = await tx.queued_actions(execution_id)
                         effects.actions |= resumed
+                        effects.resumed |= resumed
                         await tx.announce(resumed)
                     case CancelExecutionWork(execution_id=execution_id):
                         await tx.cancel_execution_work(execution_id)
@@ -678,8 +686,9 @@ class Engine:
 
     def _notify(self, effects: _Effects) -> None:
         listeners = self.listeners
-        if effects.actions and listeners.on_dispatch is not None:
-            listeners.on_dispatch(effects.actions)
+        waiting = effects.resumed | set(effects.queued.values())
+        if waiting and listeners.on_dispatch is not None:
+            listeners.on_dispatch(waiting)
         if effects.earliest_timer is not None and listeners.on_timer is not None:
             listeners.on_timer(effects.earliest_timer)
         if effects.ended and listeners.on_ended is not None:
