@@ -10,7 +10,7 @@ The public API:
 - the error tree in ``levante.errors``.
 """
 
-from levante.client import Client, ExecutionInfo, SyncClient, TaskInfo
+from levante.client import Client, EngineUnavailableError, ExecutionInfo, SyncClient, TaskInfo
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
@@ -19,8 +19,11 @@ from levante.errors import (
     InvalidArgumentError,
     InvalidInputError,
     LevanteError,
+    LimitExceededError,
     NotFoundError,
+    PermissionDeniedError,
     StoreError,
+    UnauthenticatedError,
 )
 from levante.runner import ExecutionResult, LocalEngine, run_workflow
 from levante.worker import ActionContext, action
@@ -31,17 +34,21 @@ __all__ = [
     "Client",
     "ConflictError",
     "DefinitionError",
+    "EngineUnavailableError",
     "ExecutionInfo",
     "ExecutionResult",
     "ExpressionError",
     "InvalidArgumentError",
     "InvalidInputError",
     "LevanteError",
+    "LimitExceededError",
     "LocalEngine",
     "NotFoundError",
+    "PermissionDeniedError",
     "StoreError",
     "SyncClient",
     "TaskInfo",
+    "UnauthenticatedError",
     "action",
     "run_workflow",
 ]

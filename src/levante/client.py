@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,7 +263,7 @@ class Client:
         )
         return [_event(e) for e in response.events]
 
-    async def watch(self, execution_id: str) -> AsyncIterator[ExecutionEvent]:
+    async def watch(self, execution_id: str) -> AsyncGenerator[ExecutionEvent, None]:
         """The current state, then each change as it happens, until the execution ends."""
         call = self._engine.WatchExecution(
             pb.WatchExecutionRequest(execution_id=execution_id), metadata=self._metadata
@@ -326,3 +326,33 @@ class SyncClient:
 
     def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
         return self._loop.run_until_complete(self._client.wait(execution_id, timeout))
+
+    def pause(self, execution_id: str) -> ExecutionInfo:
+        return self._loop.run_until_complete(self._client.pause(execution_id))
+
+    def resume(self, execution_id: str) -> ExecutionInfo:
+        return self._loop.run_until_complete(self._client.resume(execution_id))
+
+    def cancel(self, execution_id: str, reason: str = "") -> ExecutionInfo:
+        return self._loop.run_until_complete(self._client.cancel(execution_id, reason))
+
+    def rerun(self, execution_id: str, task_name: str) -> ExecutionInfo:
+        return self._loop.run_until_complete(self._client.rerun(execution_id, task_name))
+
+    def list_executions(self, **kw: Any) -> tuple[list[ExecutionSummary], str]:
+        return self._loop.run_until_complete(self._client.list_executions(**kw))
+
+    def history(self, execution_id: str) -> list[ExecutionEvent]:
+        return self._loop.run_until_complete(self._client.history(execution_id))
+
+    def watch(self, execution_id: str) -> Iterator[ExecutionEvent]:
+        """The current state, then each change, until the execution ends (blocking)."""
+        events = self._client.watch(execution_id)
+        try:
+            while True:
+                try:
+                    yield self._loop.run_until_complete(anext(events))
+                except StopAsyncIteration:
+                    return
+        finally:
+            self._loop.run_until_complete(events.aclose())
