@@ -1366,3 +1366,27 @@ async def test_sqlite_a_member_cancelled_while_waiting_does_not_strand_the_group
         assert await store.get_execution(execution(3).id) is not None
     finally:
         await store.close()
+
+
+async def test_waiting_notes_are_cleared_when_a_worker_of_their_action_attaches(
+    store: Store,
+) -> None:
+    from levante.store.base import WAITING_FOR_WORKER
+
+    e = execution(1)
+    note = f"{WAITING_FOR_WORKER} 'slow.thing': none is connected"
+    waiting = replace(task(e.id, "a", 1), state_info=note)
+    other = replace(task(e.id, "b", 2), state_info=f"{WAITING_FOR_WORKER} 'other': none")
+    finished = replace(task(e.id, "c", 3, TaskState.SUCCESS), state_info=note)
+    async with store.transaction() as tx:
+        await tx.insert_execution(e)
+        await tx.note_waiting(waiting, "slow.thing")
+        await tx.note_waiting(other, "other")
+        await tx.note_waiting(finished, "slow.thing")
+    assert await store.clear_waiting_notes(["nobody.waits"]) == 0
+    assert await store.clear_waiting_notes(["slow.thing"]) == 1  # the finished one keeps its
+    by_name = {t.name: t for t in await store.list_tasks(e.id)}
+    assert by_name["a"].state_info == ""
+    assert by_name["b"].state_info.startswith(WAITING_FOR_WORKER)
+    assert by_name["c"].state_info == note
+    assert await store.clear_waiting_notes(["slow.thing"]) == 0  # each note is cleared once

@@ -135,6 +135,7 @@ class Dispatcher:
             raise InvalidArgumentError("hello.worker_id: required")
         now = self._clock()
         await self._store.declare_actions(session.actions, now + self.lease_seconds, now)
+        await self._store.clear_waiting_notes(session.actions)
         released = await self._store.release_assignments(session.worker_id, keep=holding)
         session.in_flight.update(holding)
         previous = self._sessions.get(session.worker_id)

@@ -719,11 +719,11 @@ async def _note_waiting_for_worker(
     tx: StoreTransaction, decision: Decision, assignment: AssignmentRecord
 ) -> None:
     """The action is known but no worker serving it is connected: the task says so until
-    one claims the assignment (the claim clears the note)."""
+    a worker serving it attaches (Store.clear_waiting_notes)."""
     for task in decision.tasks:
         if task.id == assignment.task_id and task.state == TaskState.RUNNING:
             note = f"{WAITING_FOR_WORKER} '{assignment.action}': none is connected"
-            await tx.save_tasks([dataclasses.replace(task, state_info=note)])
+            await tx.note_waiting(dataclasses.replace(task, state_info=note), assignment.action)
             return
 
 

@@ -31,8 +31,8 @@ from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
 SCHEMA_VERSION = 3
 
-# How a task's state_info starts while its action's workers are all offline; a claim of
-# its assignment clears it.
+# How a task's state_info starts while its action's workers are all offline; it is
+# cleared when a worker serving the action attaches (Store.clear_waiting_notes).
 WAITING_FOR_WORKER = "waiting for a worker serving"
 
 
@@ -112,6 +112,11 @@ class StoreTransaction(Protocol):
         """``Store.claim_assignments`` inside this transaction (it sees this
         transaction's own writes): a worker that reports a result is handed its next
         work in the same commit."""
+        ...
+
+    async def note_waiting(self, task: TaskRecord, action: str) -> None:
+        """Save ``task`` (whose state_info says it waits for a worker serving ``action``)
+        and remember it, so that the note is cleared when such a worker attaches."""
         ...
 
     async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
@@ -235,6 +240,11 @@ class Store(Protocol):
     ) -> None:
         """Workers serving these actions are connected (until ``online_until``, unless
         declared again): they enter the catalogue of known actions for good."""
+        ...
+
+    async def clear_waiting_notes(self, actions: Collection[str]) -> int:
+        """A worker serving these actions attached: the tasks noted as waiting for one
+        no longer say so (those still RUNNING). Returns how many notes were cleared."""
         ...
 
     async def actions_offline(self, names: Collection[str], now: float) -> None:

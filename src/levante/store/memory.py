@@ -41,6 +41,7 @@ class _Tables:
         # QUEUED assignment ids in queue order, so that claims do not scan everything.
         self.queued: dict[AssignmentId, None] = {}
         self.actions: dict[str, float] = {}  # the catalogue: name -> online_until
+        self.notes: dict[TaskId, str] = {}  # tasks noted as waiting for a worker -> action
 
     def put_assignment(self, assignment: AssignmentRecord) -> None:
         self.assignments[assignment.id] = assignment
@@ -59,6 +60,7 @@ class MemoryTransaction:
         self.new_timers: dict[str, TimerRecord] = {}
         self.new_history: list[HistoryEntry] = []
         self.gone_timers: set[str] = set()
+        self.notes: dict[TaskId, str] = {}  # waiting notes written in this transaction
 
     def _execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         return self.executions.get(execution_id) or self._t.executions.get(execution_id)
@@ -155,13 +157,11 @@ class MemoryTransaction:
                 )
                 self.assignments[a.id] = leased
                 claimed.append(leased)
-                task = await self.get_task(a.task_id)
-                if (
-                    task is not None and task.state == TaskState.RUNNING
-                    and task.state_info.startswith(WAITING_FOR_WORKER)
-                ):  # fmt: skip
-                    self.tasks[task.id] = replace(task, state_info="")
         return claimed
+
+    async def note_waiting(self, task: TaskRecord, action: str) -> None:
+        await self.save_tasks([task])
+        self.notes[task.id] = action
 
     async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
         return {n: self._t.actions[n] for n in names if n in self._t.actions}
@@ -265,6 +265,7 @@ class MemoryTransaction:
                 t.latest[key] = task.id
         for assignment in self.assignments.values():
             t.put_assignment(assignment)
+        t.notes.update(self.notes)
 
 
 class MemoryStore:
@@ -354,6 +355,22 @@ class MemoryStore:
     ) -> None:
         for name in names:
             self._t.actions[name] = max(self._t.actions.get(name, online_until), online_until)
+
+    async def clear_waiting_notes(self, actions: Collection[str]) -> int:
+        cleared = 0
+        async with self._lock:
+            for task_id, action in list(self._t.notes.items()):
+                if action not in actions:
+                    continue
+                del self._t.notes[task_id]
+                task = self._t.tasks.get(task_id)
+                if (
+                    task is not None and task.state == TaskState.RUNNING
+                    and task.state_info.startswith(WAITING_FOR_WORKER)
+                ):  # fmt: skip
+                    self._t.tasks[task_id] = replace(task, state_info="")
+                    cleared += 1
+        return cleared
 
     async def actions_offline(self, names: Collection[str], now: float) -> None:
         for name in names:

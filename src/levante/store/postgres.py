@@ -156,6 +156,11 @@ MIGRATIONS: dict[int, str] = {
         declared_at DOUBLE PRECISION NOT NULL,
         online_until DOUBLE PRECISION NOT NULL
     );
+    CREATE TABLE waiting_notes (
+        task_id TEXT PRIMARY KEY,
+        action TEXT NOT NULL
+    );
+    CREATE INDEX waiting_notes_by_action ON waiting_notes(action);
     """,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
@@ -239,10 +244,7 @@ _CLAIM = (
     "claimed AS (UPDATE assignments a SET state='LEASED', worker_id=$1, "
     "lease_expires_at=LEAST($2, COALESCE(a.deadline, 'Infinity'::float8)) "
     "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
-    f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq), "
-    # A task that waited for its action's workers to come online no longer does.
-    "cleared AS (UPDATE tasks t SET state_info='' FROM claimed c WHERE t.id = c.task_id "
-    f"AND t.state='RUNNING' AND t.state_info LIKE '{WAITING_FOR_WORKER}%') "
+    f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq) "
     "SELECT * FROM claimed"
 )
 _INSERT_TIMER = (
@@ -282,6 +284,15 @@ class PostgresTransaction:
                 _CLAIM, worker_id, lease_until, sorted(actions), limit, sorted(targets)
             )
         return [rows.assignment_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
+
+    async def note_waiting(self, task: TaskRecord, action: str) -> None:
+        await self.save_tasks([task])
+        with _Failing(f"cannot note task {task.id} as waiting"):
+            await self._conn.execute(
+                "INSERT INTO waiting_notes (task_id, action) VALUES ($1, $2) "
+                "ON CONFLICT (task_id) DO UPDATE SET action=excluded.action",
+                task.id, action,
+            )  # fmt: skip
 
     async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
         with _Failing("cannot read the action catalogue"):
@@ -771,6 +782,19 @@ class PostgresStore:
                     "online_until=GREATEST(actions.online_until, excluded.online_until)",
                     sorted(names), now, online_until,
                 )  # fmt: skip
+
+    async def clear_waiting_notes(self, actions: Collection[str]) -> int:
+        if not actions:
+            return 0
+        with _Failing("cannot clear the waiting notes"):
+            status = await self._p.execute(
+                "WITH noted AS (DELETE FROM waiting_notes WHERE action = ANY($1::text[]) "
+                "RETURNING task_id) "
+                "UPDATE tasks SET state_info='' WHERE id = ANY(ARRAY(SELECT task_id FROM noted)) "
+                f"AND state='RUNNING' AND state_info LIKE '{WAITING_FOR_WORKER}%'",
+                sorted(actions),
+            )
+        return _count(status)
 
     async def actions_offline(self, names: Collection[str], now: float) -> None:
         if names:

@@ -153,6 +153,11 @@ MIGRATIONS: dict[int, str] = {
         declared_at REAL NOT NULL,
         online_until REAL NOT NULL
     );
+    CREATE TABLE waiting_notes (
+        task_id TEXT PRIMARY KEY,
+        action TEXT NOT NULL
+    );
+    CREATE INDEX waiting_notes_by_action ON waiting_notes(action);
     """,
 }
 assert max(MIGRATIONS) == SCHEMA_VERSION
@@ -377,14 +382,15 @@ class SqliteTransaction:
         )
         claimed = [rows.assignment_from_row(r) for r in found]
         claimed.sort(key=lambda a: (a.created_at, a.id))
-        if claimed:
-            task_ids = list({a.task_id for a in claimed})
-            self._db.execute(
-                f"UPDATE tasks SET state_info='' WHERE id IN ({_placeholders(len(task_ids))}) "
-                "AND state='RUNNING' AND state_info LIKE ?",
-                (*task_ids, f"{WAITING_FOR_WORKER}%"),
-            )
         return claimed
+
+    async def note_waiting(self, task: TaskRecord, action: str) -> None:
+        await self.save_tasks([task])
+        self._db.execute(
+            "INSERT INTO waiting_notes (task_id, action) VALUES (?, ?) "
+            "ON CONFLICT(task_id) DO UPDATE SET action=excluded.action",
+            (task.id, action),
+        )
 
     async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
         wanted = list(names)
@@ -834,6 +840,24 @@ class SqliteStore:
                     "online_until=MAX(online_until, excluded.online_until)",
                     [(name, now, online_until) for name in sorted(names)],
                 )
+
+    async def clear_waiting_notes(self, actions: Collection[str]) -> int:
+        wanted = sorted(actions)
+        if not wanted:
+            return 0
+        async with self._write() as db:
+            noted = [r[0] for r in db.execute(
+                f"DELETE FROM waiting_notes WHERE action IN ({_placeholders(len(wanted))}) "
+                "RETURNING task_id", wanted,
+            ).fetchall()]  # fmt: skip
+            if not noted:
+                return 0
+            cur = db.execute(
+                f"UPDATE tasks SET state_info='' WHERE id IN ({_placeholders(len(noted))}) "
+                "AND state='RUNNING' AND state_info LIKE ?",
+                (*noted, f"{WAITING_FOR_WORKER}%"),
+            )
+            return cur.rowcount
 
     async def actions_offline(self, names: Collection[str], now: float) -> None:
         wanted = sorted(names)
