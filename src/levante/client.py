@@ -83,6 +83,7 @@ class ExecutionInfo:
     input: Any
     output: Any
     tasks: tuple[TaskInfo, ...]
+    definition: str = ""  # the workflow's YAML, from get_status(..., include_definition=True)
 
     @property
     def is_final(self) -> bool:
@@ -147,6 +148,7 @@ def execution_info(status: pb.ExecutionStatus) -> ExecutionInfo:
             )
             for t in status.tasks
         ),
+        definition=status.definition,
     )
 
 
@@ -219,9 +221,12 @@ class Client:
             request = pb.TaskCompleteRequest(task_id=task_id, result_json=json.dumps(result))
         await self._call(self._engine.TaskComplete, request)
 
-    async def get_status(self, execution_id: str) -> ExecutionInfo:
+    async def get_status(
+        self, execution_id: str, *, include_definition: bool = False
+    ) -> ExecutionInfo:
         status = await self._call(
-            self._engine.GetStatus, pb.GetStatusRequest(execution_id=execution_id)
+            self._engine.GetStatus,
+            pb.GetStatusRequest(execution_id=execution_id, include_definition=include_definition),
         )
         return execution_info(status)
 

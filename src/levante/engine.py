@@ -219,6 +219,13 @@ class Engine:
         index = self._indexes[key] = _index(definition_id, spec)
         return index
 
+    async def definition_text(self, definition_id: DefinitionId) -> str:
+        """The registered document (YAML) with this id."""
+        stored = await self.store.get_definition(definition_id)
+        if stored is None:
+            raise NotFoundError(f"workflow definition {definition_id} not found")
+        return stored.text
+
     async def find_workflow(self, name: str) -> _WorkflowIndex:
         stored = await self.store.find_workflow(name)
         if stored is None:

@@ -24,8 +24,9 @@ reached from it. What cannot be seen is not drawn as fired: transitions to engin
 commands, and the arrivals of a ``join: N`` other than the first and the last
 (``join: all`` is known to have had them all once it ran).
 
-The engine does not serve workflow definitions, so an execution is drawn from its
-workflow's YAML when ``--file`` gives it, and otherwise from what ran alone.
+An execution is drawn over the document the engine registered for it (GetStatus with
+``include_definition``), or over the YAML that ``--file`` gives; with neither (an
+engine that does not send definitions), from what ran alone.
 """
 
 from __future__ import annotations
@@ -331,7 +332,7 @@ def _graph_of_what_ran(
     edges = [Edge(START, keys[n], fired=True) for n in latest if n in reading.started]
     edges += [Edge(keys[s], keys[t], fired=True)
               for s, t, _ in reading.fired if s in keys and t in keys]  # fmt: skip
-    notes = ("the engine does not serve workflow definitions: only the tasks that ran are "
+    notes = ("the engine sent no workflow definition: only the tasks that ran are "
              "drawn; add --file FILE.yaml to draw the whole workflow",)  # fmt: skip
     return Graph(title, tuple(nodes), tuple(edges), notes)
 
@@ -475,8 +476,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-w", "--workflow", default=None,
                         help="which workflow of the file (when it defines several)")  # fmt: skip
     parser.add_argument("--file", type=Path, default=None, metavar="FILE.yaml",
-                        help="with an EXECUTION_ID: the workflow's YAML, to draw what did "
-                        "not run too (the engine does not serve definitions)")  # fmt: skip
+                        help="with an EXECUTION_ID: draw over this YAML rather than the "
+                        "definition the engine registered for the execution")  # fmt: skip
     parser.add_argument("--format", choices=FORMATS, default="mermaid",
                         help="mermaid (default) or dot text; svg or png via Graphviz")  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, default=None, metavar="PATH",
@@ -511,11 +512,13 @@ async def command(args: argparse.Namespace, connect: Callable[[], Client]) -> in
         graph = workflow_graph(_pick(Path(args.target).read_text(), args.workflow, args.target))
     else:
         async with connect() as client:
-            status: ExecutionInfo = await client.get_status(args.target)
+            status: ExecutionInfo = await client.get_status(args.target, include_definition=True)
             history = await client.history(args.target)
         spec = None
         if args.file is not None:
             spec = _pick(args.file.read_text(), args.workflow or status.workflow, str(args.file))
+        elif status.definition:  # the document the engine registered for this execution
+            spec = _pick(status.definition, status.workflow, f"execution {status.id}")
         graph = execution_graph(spec, status, history)
     return _emit(graph, args.format, args.output)
 

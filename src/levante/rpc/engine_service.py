@@ -114,7 +114,10 @@ class EngineService(pb_grpc.EngineServicer):
         if not request.execution_id:
             raise InvalidArgumentError("execution_id: required")
         execution, tasks = await self._engine.get_status(ExecutionId(request.execution_id))
-        return messages.execution_status(execution, tasks)
+        status = messages.execution_status(execution, tasks)
+        if request.include_definition:
+            status.definition = await self._engine.definition_text(execution.definition_id)
+        return status
 
     @translate_errors
     async def PauseExecution(

@@ -162,13 +162,15 @@ class TaskCompleteResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusRequest(_message.Message):
-    __slots__ = ("execution_id",)
+    __slots__ = ("execution_id", "include_definition")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_DEFINITION_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
-    def __init__(self, execution_id: _Optional[str] = ...) -> None: ...
+    include_definition: bool
+    def __init__(self, execution_id: _Optional[str] = ..., include_definition: _Optional[bool] = ...) -> None: ...
 
 class ExecutionStatus(_message.Message):
-    __slots__ = ("execution_id", "workflow", "state", "state_info", "input_json", "output_json", "tasks", "created_at", "updated_at", "params_json", "parent_task_id")
+    __slots__ = ("execution_id", "workflow", "state", "state_info", "input_json", "output_json", "tasks", "created_at", "updated_at", "params_json", "parent_task_id", "definition")
     EXECUTION_ID_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,7 @@ class ExecutionStatus(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    DEFINITION_FIELD_NUMBER: _ClassVar[int]
     execution_id: str
     workflow: str
     state: str
@@ -191,7 +194,8 @@ class ExecutionStatus(_message.Message):
     updated_at: _timestamp_pb2.Timestamp
     params_json: str
     parent_task_id: str
-    def __init__(self, execution_id: _Optional[str] = ..., workflow: _Optional[str] = ..., state: _Optional[str] = ..., state_info: _Optional[str] = ..., input_json: _Optional[str] = ..., output_json: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., params_json: _Optional[str] = ..., parent_task_id: _Optional[str] = ...) -> None: ...
+    definition: str
+    def __init__(self, execution_id: _Optional[str] = ..., workflow: _Optional[str] = ..., state: _Optional[str] = ..., state_info: _Optional[str] = ..., input_json: _Optional[str] = ..., output_json: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskStatus, _Mapping]]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., params_json: _Optional[str] = ..., parent_task_id: _Optional[str] = ..., definition: _Optional[str] = ...) -> None: ...
 
 class TaskStatus(_message.Message):
     __slots__ = ("id", "name", "state", "state_info", "action", "published_json", "result_json", "attempt", "created_at", "updated_at", "assignment_id", "child_execution_ids", "retry_count")
