@@ -126,3 +126,14 @@ def test_lifecycle_commands(server: EngineServer, gates: Path) -> None:
     assert "not today" in status.stdout
     rerun = levante("rerun", cancelled_id, "wait", *engine)
     assert rerun.returncode == 2 and "CANCELLED" in rerun.stderr
+
+
+def test_an_unknown_log_level_is_a_clear_error() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "levante", "--log-level", "LOUD", "list", "--engine", "127.0.0.1:1"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "--log-level: 'LOUD' is not one of" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -223,9 +223,14 @@ def _client(args: argparse.Namespace) -> Client:
         raise SystemExit(f"levante: {e}") from None
 
 
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING")
+    if level.upper() not in _LOG_LEVELS:
+        raise SystemExit(f"levante: --log-level: {level!r} is not one of {', '.join(_LOG_LEVELS)}")
     logging.basicConfig(
         level=level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
