@@ -563,3 +563,49 @@ async def test_a_real_server_takes_its_settings_from_file_env_and_flags(
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert reply.status == SERVING
+
+
+async def test_health_follows_the_store(
+    started: list[EngineServer | Worker | LevanteProcess],
+) -> None:
+    """PostgreSQL refuses the engine's connections: health turns NOT_SERVING; once it
+    accepts them again, SERVING."""
+    import asyncpg
+    from stores import PG_BASE_URL, _database_of, create_database, drop_database
+
+    url = await create_database()
+    name = _database_of(url)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(PG_BASE_URL)
+        try:
+            await conn.execute(sql)
+            if "ALLOW_CONNECTIONS false" in sql:
+                await conn.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = $1 AND pid <> pg_backend_pid()", name,
+                )  # fmt: skip
+        finally:
+            await conn.close()
+
+    try:
+        server = EngineServer(url).start()
+        started.append(server)
+        async with grpc.aio.insecure_channel(server.address) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert (await watch.read()).status == SERVING
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            assert (await asyncio.wait_for(watch.read(), 30)).status == NOT_SERVING
+            await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            assert (await asyncio.wait_for(watch.read(), 30)).status == SERVING
+            watch.cancel()
+        # The engine works again.
+        async with Client(server.address) as client:
+            assert await client.list_executions() == ([], "")
+    finally:
+        await admin(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+        for p in started:
+            if isinstance(p, EngineServer):
+                for process in p.history:
+                    process.terminate()
+        await drop_database(url)

@@ -34,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from levante.dispatch import DEFAULT_LEASE_SECONDS, Dispatcher
 from levante.engine import Engine
+from levante.ids import DefinitionId
 from levante.limits import DEFAULT_LIMITS, Limits
 from levante.observability import metrics
 from levante.rpc.auth import AuthInterceptor, TokenEntry, server_credentials
@@ -51,6 +52,8 @@ from levante.v1 import levante_pb2_grpc as pb_grpc
 log = logging.getLogger("levante.server")
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+STORE_PROBE_SECONDS = 2.0  # how often health checks that the store answers
 
 # The services health reports on: "" is the server as a whole.
 HEALTH_SERVICES = ("", *(s.full_name for s in pb.DESCRIPTOR.services_by_name.values()))
@@ -87,6 +90,7 @@ class LevanteServer:
         self.engine.listeners.on_timer = self.timekeeper.scheduled
         self.engine.listeners.on_voided = self.dispatcher.voided
         self._server: grpc.aio.Server | None = None
+        self._store_watch: asyncio.Task[None] | None = None
         self.port = 0
         self.health = health_aio.HealthServicer()
         self.metrics: metrics.Metrics | None = None
@@ -139,6 +143,32 @@ class LevanteServer:
             )
         for service in HEALTH_SERVICES:
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._store_watch = asyncio.create_task(self._watch_store(), name="store-health")
+
+    async def _watch_store(self) -> None:
+        """Health follows the store: NOT_SERVING while a probe read fails (the database
+        went away, its connections are refused), SERVING again once one succeeds."""
+        serving = True
+        while True:
+            await asyncio.sleep(STORE_PROBE_SECONDS)
+            try:
+                await asyncio.wait_for(self.store.get_definition(DefinitionId(0)),
+                                       STORE_PROBE_SECONDS)  # fmt: skip
+                healthy = True
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                healthy = False
+                if serving:
+                    log.error("the store does not answer (%s): health NOT_SERVING", e)
+            if healthy != serving:
+                serving = healthy
+                if serving:
+                    log.info("the store answers again: health SERVING")
+                status = (health_pb2.HealthCheckResponse.SERVING if serving
+                          else health_pb2.HealthCheckResponse.NOT_SERVING)  # fmt: skip
+                for service in HEALTH_SERVICES:
+                    await self.health.set(service, status)
 
     @property
     def address(self) -> str:
@@ -155,6 +185,11 @@ class LevanteServer:
 
     async def stop(self) -> None:
         """Shut down gracefully (see the module docstring)."""
+        if self._store_watch is not None:
+            self._store_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._store_watch
+            self._store_watch = None
         await self.health.enter_graceful_shutdown()
         self.dispatcher.drain()
         if self._server is not None:
