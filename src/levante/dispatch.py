@@ -203,7 +203,7 @@ class Dispatcher:
     async def _offline(self, actions: Collection[str]) -> None:
         """Actions no worker attached here serves any more are offline (until a worker
         attached to any engine declares them again)."""
-        served = {a for s in self._sessions.values() for a in s.actions}
+        served = self._served_actions()
         gone = [a for a in actions if a not in served]
         if gone:
             try:
@@ -211,12 +211,15 @@ class Dispatcher:
             except Exception:
                 log.exception("marking actions offline failed")
 
+    def _served_actions(self) -> set[str]:
+        return {a for s in self._sessions.values() for a in s.actions}
+
     async def _declare_presence(self) -> None:
         """Keep the catalogue's online_until of the attached workers' actions ahead of
         the clock (a third of a lease at a time), for every engine to read."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            served = {a for s in self._sessions.values() for a in s.actions}
+            served = self._served_actions()
             if not served:
                 continue
             try:

@@ -138,7 +138,7 @@ def _index(definition_id: DefinitionId, spec: WorkflowSpec) -> _WorkflowIndex:
 class _Effects:
     """What to tell the world once the transaction has committed."""
 
-    actions: set[str] = field(default_factory=set)  # announced (queued or resumed)
+    announced: set[str] = field(default_factory=set)  # actions announced to other engines
     # Assignments queued by this transaction and not claimed in it, by action: workers
     # are woken only for these.
     queued: dict[AssignmentId, str] = field(default_factory=dict)
@@ -608,8 +608,8 @@ class Engine:
                         if online_until <= self._clock():
                             await _note_waiting_for_worker(tx, decision, a)
                         effects.queued[a.id] = a.action
-                        if a.action not in effects.actions:
-                            effects.actions.add(a.action)
+                        if a.action not in effects.announced:
+                            effects.announced.add(a.action)
                             await tx.announce([a.action])
                     case VoidAssignment(assignment_id=void_id, reason=reason):
                         effects.voided[void_id] = reason
@@ -626,7 +626,7 @@ class Engine:
                     case ResumeAssignments(execution_id=execution_id):
                         await tx.resume_assignments(execution_id)
                         resumed = await tx.queued_actions(execution_id)
-                        effects.actions |= resumed
+                        effects.announced |= resumed
                         effects.resumed |= resumed
                         await tx.announce(resumed)
                     case CancelExecutionWork(execution_id=execution_id):

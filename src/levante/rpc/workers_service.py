@@ -21,14 +21,13 @@ from levante.errors import InvalidArgumentError, LevanteError, StoreError
 from levante.ids import AssignmentId
 from levante.observability import logs
 from levante.rpc import messages
+from levante.rpc.batching import take_ready
 from levante.rpc.status import status_for
 from levante.v1 import levante_pb2 as pb
 from levante.v1 import levante_pb2_grpc as pb_grpc
 
 log = logging.getLogger("levante.rpc.workers")
 
-MAX_BATCH = 500  # engine messages in one EngineBatch
-MAX_BATCH_BYTES = 1024 * 1024  # a batch stops growing past this (messages may be 16 MiB)
 
 
 class WorkersService(pb_grpc.WorkersServicer):
@@ -79,18 +78,11 @@ class WorkersService(pb_grpc.WorkersServicer):
                 if not hello.accepts_batches or outbox.empty():
                     yield message
                     continue
-                # Everything that is ready goes as one message.
-                batch = [message]
-                size = message.ByteSize()
-                ended = False
-                while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not outbox.empty():
-                    more = outbox.get_nowait()
-                    if more is None:
-                        ended = True
-                        break
-                    batch.append(more)
-                    size += more.ByteSize()
-                yield pb.EngineMessage(batch=pb.EngineBatch(messages=batch))
+                batch, ended = take_ready(message, outbox)  # what is ready goes as one
+                if len(batch) == 1:
+                    yield message
+                else:
+                    yield pb.EngineMessage(batch=pb.EngineBatch(messages=batch))
                 if ended:
                     break
         finally:

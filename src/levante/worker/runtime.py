@@ -36,6 +36,7 @@ from typing import Any, Final
 import grpc
 
 from levante.rpc.auth import ClientCredentials
+from levante.rpc.batching import take_ready
 from levante.v1 import levante_pb2 as pb
 from levante.v1 import levante_pb2_grpc as pb_grpc
 from levante.worker.invoke import invoke_action
@@ -134,8 +135,6 @@ class _Held:
 
 # None on an outbox means: close the send side of the stream.
 _Outbox = asyncio.Queue[pb.WorkerMessage | None]
-MAX_BATCH = 500  # worker messages in one WorkerBatch
-MAX_BATCH_BYTES = 1024 * 1024  # a batch stops growing past this
 # The engine takes messages up to 16 MiB: a bigger result could never be delivered, so
 # it is reported as the task's failure instead.
 MAX_RESULT_BYTES = 16 * 1024 * 1024 - 64 * 1024
@@ -386,17 +385,7 @@ class _Worker:
             if outbox.empty() or message.WhichOneof("kind") == "hello":
                 await call.write(message)
                 continue
-            # Results that are ready together go as one message.
-            batch = [message]
-            size = message.ByteSize()
-            ended = False
-            while len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES and not outbox.empty():
-                more = outbox.get_nowait()
-                if more is None:
-                    ended = True
-                    break
-                batch.append(more)
-                size += more.ByteSize()
+            batch, ended = take_ready(message, outbox)  # results ready together go as one
             if len(batch) == 1:
                 await call.write(message)
             else:
