@@ -630,31 +630,6 @@ wf:
     assert {"state_info", "published", "created_at", "updated_at"} <= set(first)
 
 
-async def test_tasks_function_sees_its_own_execution_only() -> None:
-    result = await run("""
-version: '2.0'
-parent:
-  tasks:
-    call:
-      workflow: child
-      publish:
-        mine: <% tasks().select([$.name, $.type]) %>
-      on-success: [deeper]
-    deeper:
-      publish:
-        nested: <% tasks(recursive => true) %>
-child:
-  tasks:
-    inner:
-      action: std.noop
-""", workflow="parent")
-    assert result.state == "ERROR"
-    assert result.task("call").published == {"mine": [["call", "WORKFLOW"]]}
-    info = result.task("deeper").state_info
-    assert "[expression=tasks(recursive => true)" in info
-    assert "tasks inside subworkflow executions are not visible" in info
-
-
 @pytest.fixture
 def small_work_limit(monkeypatch: pytest.MonkeyPatch) -> int:
     from levante.lang import expressions

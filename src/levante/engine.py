@@ -23,6 +23,8 @@ from typing import Any
 
 from levante.core.decide import bind_input, check_params, decide
 from levante.core.model import (
+    MAX_TASK_READS,
+    NO_OTHER_EXECUTIONS,
     AssignmentCompleted,
     AssignmentRecord,
     AssignmentState,
@@ -44,6 +46,7 @@ from levante.core.model import (
     HistoryEntry,
     ItemsSettled,
     LeaseExpired,
+    OtherExecutions,
     Outcome,
     PauseAssignments,
     PropagateToChildren,
@@ -54,12 +57,14 @@ from levante.core.model import (
     TaskFinished,
     TaskRecord,
     TaskRerunRequested,
+    TasksNeeded,
     TaskState,
     TimerFired,
     TimerRecord,
     VoidAssignment,
 )
 from levante.core.running import assignment_id
+from levante.core.step import task_view
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
@@ -269,7 +274,7 @@ class Engine:
                     request_id=request_id or None,
                     now=self._clock(),
                 )
-                decision = decide(index.spec, None, event)
+                decision = await self._decide(tx, index.spec, None, event)
                 await tx.insert_execution(decision.execution)
                 await self._apply(tx, decision, effects)
         except RequestIdTakenError:
@@ -347,7 +352,7 @@ class Engine:
             index, snapshot = await self._snapshot_for_task(
                 tx, {execution.id: execution}, assignment.task_id, assignment
             )
-            await self._apply(tx, decide(index.spec, snapshot, event), effects)
+            await self._apply(tx, await self._decide(tx, index.spec, snapshot, event), effects)
             if and_then is not None:  # the dispatcher claims the worker's next work here
                 for claimed in await and_then(tx):
                     effects.queued.pop(AssignmentId(claimed), None)  # nobody to wake for it
@@ -391,7 +396,7 @@ class Engine:
                 raise ConflictError(f"task '{task_name}' {state}: only a task in ERROR reruns")
             snapshot = Snapshot(execution, latest, task)
             event = TaskRerunRequested(execution.id, task_name, self._clock())
-            await self._apply(tx, decide(index.spec, snapshot, event), effects)
+            await self._apply(tx, await self._decide(tx, index.spec, snapshot, event), effects)
         self._notify(effects)
 
     async def _lifecycle(
@@ -409,7 +414,7 @@ class Engine:
                 )
             event = _lifecycle_event(verb, execution.id, reason, self._clock())
             index, snapshot = await self._execution_snapshot(tx, {execution.id: execution}, event)
-            await self._apply(tx, decide(index.spec, snapshot, event), effects)
+            await self._apply(tx, await self._decide(tx, index.spec, snapshot, event), effects)
         self._notify(effects)
 
     async def _execution_snapshot(
@@ -443,7 +448,8 @@ class Engine:
             index, snapshot = await self._snapshot_for_task(
                 tx, {execution.id: execution}, assignment.task_id, assignment
             )
-            decision = decide(index.spec, snapshot, LeaseExpired(assignment.id, now))
+            event = LeaseExpired(assignment.id, now)
+            decision = await self._decide(tx, index.spec, snapshot, event)
             await self._apply(tx, decision, effects)
         self._notify(effects)
 
@@ -464,7 +470,8 @@ class Engine:
             index, snapshot = await self._snapshot_for_task(
                 tx, {execution.id: execution}, taken.task_id, assignment
             )
-            decision = decide(index.spec, snapshot, TimerFired(taken, self._clock()))
+            fired = TimerFired(taken, self._clock())
+            decision = await self._decide(tx, index.spec, snapshot, fired)
             await self._apply(tx, decision, effects)
         self._notify(effects)
         return True
@@ -565,6 +572,49 @@ class Engine:
             case _:
                 raise AssertionError(f"not a follow-up event: {event!r}")
 
+    async def _decide(
+        self, tx: StoreTransaction, spec: WorkflowSpec, snapshot: Snapshot | None, event: Event
+    ) -> Decision:
+        """decide(), reading the other executions' tasks its expressions ask for."""
+        others = NO_OTHER_EXECUTIONS
+        while True:
+            try:
+                return decide(spec, snapshot, event, others)
+            except TasksNeeded as needed:
+                others = await self._read_other_tasks(tx, others, needed)
+
+    async def _read_other_tasks(
+        self, tx: StoreTransaction, others: OtherExecutions, needed: TasksNeeded
+    ) -> OtherExecutions:
+        """``others`` with the tasks of ``needed.execution_id`` (and, when recursive, of
+        every execution below it) read, without locks: expressions only look."""
+        if len(others.read) >= MAX_TASK_READS:
+            return dataclasses.replace(others, closed=True)
+        tasks = dict(others.tasks)
+        subworkflows = dict(others.subworkflows)
+        pending = [needed.execution_id]
+        while pending:
+            execution_id = pending.pop()
+            execution = await tx.read_execution(execution_id)
+            if execution is None:
+                continue  # Mistral: no such execution has no tasks
+            spec = (await self._workflow(execution.definition_id, execution.workflow)).spec
+            records = await tx.execution_tasks(execution_id)
+            tasks[execution_id] = tuple(task_view(t, spec) for t in records)
+            if not needed.recursive:
+                continue
+            for task in records:
+                if task.name in spec.tasks and spec.task(task.name).workflow is not None:
+                    children = []
+                    for handle in await tx.task_assignments(task.id):
+                        child = await tx.read_execution(ExecutionId(handle.id))
+                        if child is not None:
+                            children.append((child.id, child.state.value))
+                    subworkflows[task.id] = tuple(children)
+                    pending.extend(child_id for child_id, _ in children)
+        read = others.read | {(needed.execution_id, needed.recursive)}
+        return OtherExecutions(tasks, subworkflows, read)
+
     # -- carrying out a decision
 
     async def _apply(self, tx: StoreTransaction, first: Decision, effects: _Effects) -> None:
@@ -586,7 +636,7 @@ class Engine:
                         "transaction (a cycle of tasks without actions?)"
                     )
                 index, snapshot = await self._load(tx, executions, item)
-                decision = decide(index.spec, snapshot, item)
+                decision = await self._decide(tx, index.spec, snapshot, item)
             execution = decision.execution
             executions[execution.id] = execution
             await tx.save_tasks(decision.tasks)
@@ -689,7 +739,7 @@ class Engine:
             request_id=None, now=self._clock(), parent_task_id=command.parent_task_id,
             item=command.item,
         )  # fmt: skip
-        return decide(index.spec, None, event)
+        return await self._decide(tx, index.spec, None, event)
 
     def _notify(self, effects: _Effects) -> None:
         listeners = self.listeners

@@ -38,6 +38,7 @@ from levante.core.finishing import (
     timer_fired,
 )
 from levante.core.model import (
+    NO_OTHER_EXECUTIONS,
     AssignmentCompleted,
     BacklogResumed,
     ChildExecutionEnded,
@@ -52,10 +53,12 @@ from levante.core.model import (
     ExecutionState,
     ItemsSettled,
     LeaseExpired,
+    OtherExecutions,
     Snapshot,
     TaskFinished,
     TaskRerunRequested,
     TimerFired,
+    replace,
 )
 from levante.core.running import schedule
 from levante.core.step import Step, error_message, merge_contexts, task_view
@@ -102,11 +105,20 @@ def check_params(spec: WorkflowSpec, params: Mapping[str, Any]) -> None:
         )
 
 
-def decide(spec: WorkflowSpec, snapshot: Snapshot | None, event: Event) -> Decision:
-    """The one transition function. ``snapshot`` is None only for ExecutionStarted."""
+def decide(
+    spec: WorkflowSpec, snapshot: Snapshot | None, event: Event,
+    others: OtherExecutions = NO_OTHER_EXECUTIONS,
+) -> Decision:  # fmt: skip
+    """The one transition function. ``snapshot`` is None only for ExecutionStarted.
+
+    Raises :class:`TasksNeeded` when an expression reads tasks of other executions not
+    in ``others`` (or ``snapshot.others``): read them and decide again.
+    """
     if isinstance(event, ExecutionStarted):
-        return _start(spec, event)
+        return _start(spec, event, others)
     assert snapshot is not None
+    if others is not NO_OTHER_EXECUTIONS:
+        snapshot = replace(snapshot, others=others)
     step = Step(spec, snapshot, event.now, type(event).__name__)
     match event:
         case ExecutionPauseRequested():
@@ -143,7 +155,7 @@ def decide(spec: WorkflowSpec, snapshot: Snapshot | None, event: Event) -> Decis
     return step.decision()
 
 
-def _start(spec: WorkflowSpec, event: ExecutionStarted) -> Decision:
+def _start(spec: WorkflowSpec, event: ExecutionStarted, others: OtherExecutions) -> Decision:
     execution = ExecutionRecord(
         id=event.execution_id,
         workflow=event.workflow,
@@ -158,7 +170,7 @@ def _start(spec: WorkflowSpec, event: ExecutionStarted) -> Decision:
         parent_task_id=event.parent_task_id,
         item=event.item,
     )
-    step = Step(spec, Snapshot(execution=execution), event.now, "ExecutionStarted",
+    step = Step(spec, Snapshot(execution=execution, others=others), event.now, "ExecutionStarted",
                 new_execution=True)  # fmt: skip
     try:
         variables = step.evaluate(dict(spec.vars), {}, None)

@@ -12,8 +12,9 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
+from levante.errors import LevanteError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 
 R = TypeVar("R")
@@ -437,6 +438,46 @@ class HistoryEntry:
 
 
 @dataclass(frozen=True)
+class OtherExecutions:
+    """Tasks beyond the current execution's that ``tasks(...)`` expressions read.
+
+    A decision never changes them. The core asks for them by raising
+    :class:`TasksNeeded`; the engine reads them (without locking) and decides again.
+    """
+
+    # Executions other than the current one: their task rows as ``task()`` shows them.
+    tasks: Mapping[ExecutionId, tuple[Mapping[str, Any], ...]] = field(default_factory=dict)
+    # A workflow task's id -> (id, state) of each execution it started.
+    subworkflows: Mapping[TaskId, tuple[tuple[ExecutionId, str], ...]] = field(
+        default_factory=dict
+    )
+    # What was read: (execution id, with its subworkflows' tasks too).
+    read: frozenset[tuple[ExecutionId, bool]] = frozenset()
+    # No more reads in this decision: the limit of executions read was reached.
+    closed: bool = False
+
+    def has(self, execution_id: ExecutionId, recursive: bool) -> bool:
+        return (execution_id, True) in self.read or (
+            not recursive and (execution_id, False) in self.read
+        )
+
+
+NO_OTHER_EXECUTIONS: Final = OtherExecutions()
+#: The reads of other executions' tasks (one execution, or one with its subworkflows)
+#: one decision may make; then ``closed`` is set and further reads fail the expression.
+MAX_TASK_READS: Final = 32
+
+
+class TasksNeeded(LevanteError):
+    """The core needs another execution's tasks (or its subworkflows') to decide."""
+
+    def __init__(self, execution_id: ExecutionId, recursive: bool) -> None:
+        super().__init__(f"tasks of execution {execution_id} (recursive={recursive}) needed")
+        self.execution_id = execution_id
+        self.recursive = recursive
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """What the engine loaded for one event: only the rows the event touches.
 
@@ -453,6 +494,8 @@ class Snapshot:
     assignments: tuple[AssignmentRecord, ...] = ()
     # ExecutionCancelRequested: every task not yet finished.
     unfinished: tuple[TaskRecord, ...] = ()
+    # Other executions' tasks that expressions asked for (tasks(id), recursive=true).
+    others: OtherExecutions = NO_OTHER_EXECUTIONS
 
 
 @dataclass(frozen=True)

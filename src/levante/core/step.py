@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from levante.core.model import (
+    MAX_TASK_READS,
     AssignmentRecord,
     ChildExecutionEnded,
     Command,
@@ -23,12 +24,15 @@ from levante.core.model import (
     Outcome,
     Snapshot,
     TaskRecord,
+    TasksNeeded,
     replace,
 )
 from levante.errors import ExpressionError
-from levante.ids import TaskId
+from levante.ids import ExecutionId, TaskId
 from levante.lang import expressions
 from levante.lang.spec import WorkflowSpec
+
+WORKFLOW_TASK_TYPE: Final = "WORKFLOW"
 
 
 def merge_contexts(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,7 +130,7 @@ def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, A
     }
     if spec is not None and task.name in spec.tasks:
         view["spec"] = spec.task(task.name).view
-        view["type"] = "WORKFLOW" if spec.task(task.name).workflow is not None else "ACTION"
+        view["type"] = WORKFLOW_TASK_TYPE if spec.task(task.name).workflow is not None else "ACTION"
     return view
 
 
@@ -305,6 +309,10 @@ class Step:
             self.followups.append(ended)
 
 
+class _TooManyExecutionsRead(Exception):
+    """An expression asked for the tasks of more executions than one decision reads."""
+
+
 class _Host:
     """What expressions may ask about: tasks by name, the execution, its env, globals."""
 
@@ -321,7 +329,47 @@ class _Host:
         task = self._step.latest.get(name)
         return None if task is None else task_view(task, self._step.spec)
 
-    def tasks(self) -> list[Mapping[str, Any]]:
+    def tasks(
+        self, execution_id: str | None, recursive: bool, state: str | None, flat: bool
+    ) -> list[Mapping[str, Any]]:
+        step = self._step
+        root = ExecutionId(execution_id or step.execution.id)
+        others = step.snapshot.others
+        wider = recursive or flat  # flat reads the states of subworkflow executions
+        if (root != step.execution.id or wider) and not others.has(root, wider):
+            if others.closed:
+                raise _TooManyExecutionsRead(
+                    f"tasks({root}): one decision reads the tasks of at most "
+                    f"{MAX_TASK_READS} other executions (or trees of subworkflows)"
+                )
+            raise TasksNeeded(root, wider)
+        return self._listed(root, recursive, state, flat)
+
+    def _listed(
+        self, execution_id: ExecutionId, recursive: bool, state: str | None, flat: bool
+    ) -> list[Mapping[str, Any]]:
+        # Mistral's order: the execution's tasks that pass the filters, then (recursive)
+        # those of each subworkflow execution, depth first.
+        subworkflows = self._step.snapshot.others.subworkflows
+        if execution_id == self._step.execution.id:
+            found = self._current_execution_tasks()
+        else:
+            found = list(self._step.snapshot.others.tasks.get(execution_id, ()))
+        listed = [
+            t for t in found
+            if (state is None or t.get("state") == state)
+            and not (flat and t.get("type") == WORKFLOW_TASK_TYPE and any(
+                child_state == t.get("state") for _, child_state in subworkflows.get(t["id"], ())
+            ))
+        ]  # fmt: skip
+        if recursive:
+            for t in found:
+                if t.get("type") == WORKFLOW_TASK_TYPE:
+                    for child, _ in subworkflows.get(TaskId(t["id"]), ()):
+                        listed.extend(self._listed(child, True, state, flat))
+        return listed
+
+    def _current_execution_tasks(self) -> list[Mapping[str, Any]]:
         # The newest execution of each task the step loaded (every task, when an
         # expression calls tasks(): see expressions.referenced_task_names); earlier
         # executions of a task that ran several times (a cycle) are not loaded.

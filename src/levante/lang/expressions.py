@@ -129,9 +129,14 @@ class ExpressionHost(Protocol):
         """
         ...
 
-    def tasks(self) -> Sequence[Mapping[str, Any]]:
-        """Every task execution of the current execution the host knows, oldest first,
-        each as ``task(name)`` shows it, with ``type`` (``ACTION`` or ``WORKFLOW``)."""
+    def tasks(
+        self, execution_id: str | None, recursive: bool, state: str | None, flat: bool
+    ) -> Sequence[Mapping[str, Any]]:
+        """Mistral's ``tasks()``: the task executions of an execution (None: the current
+        one), oldest first, each as ``task(name)`` shows it, with ``type`` (``ACTION`` or
+        ``WORKFLOW``); ``recursive`` adds those of its subworkflow executions, ``state``
+        keeps those in that state, ``flat`` leaves out a workflow task whose state is
+        that of one of its subworkflow executions."""
         ...
 
     def execution(self) -> Mapping[str, Any]:
@@ -153,7 +158,9 @@ class NullHost:
     def task(self, name: str | None) -> Mapping[str, Any] | None:
         return None
 
-    def tasks(self) -> Sequence[Mapping[str, Any]]:
+    def tasks(
+        self, execution_id: str | None, recursive: bool, state: str | None, flat: bool
+    ) -> Sequence[Mapping[str, Any]]:
         return ()
 
     def execution(self) -> Mapping[str, Any]:
@@ -477,13 +484,6 @@ def _task_name(name: Any) -> str | None:
     return None if name is None else str(name)
 
 
-class _NotVisible(Exception):
-    """An expression asked for something the engine does not show expressions."""
-
-
-WORKFLOW_TASK_TYPE: Final = "WORKFLOW"
-
-
 def _tasks(
     host: ExpressionHost,
     workflow_execution_id: Any = None,
@@ -491,27 +491,10 @@ def _tasks(
     state: Any = None,
     flat: Any = False,
 ) -> list[Mapping[str, Any]]:
-    """Mistral's ``tasks(workflow_execution_id, recursive, state, flat)``, over what the
-    host knows: the task executions of the current execution (not of other executions,
-    and not those inside its subworkflows)."""
-    if workflow_execution_id is not None:
-        current = host.execution().get("id")
-        if str(workflow_execution_id) != current:
-            raise _NotVisible(
-                f"tasks() lists the tasks of the current execution ({current}) only, "
-                f"not those of execution {workflow_execution_id}"
-            )
-    found = list(host.tasks())
-    if recursive and any(t.get("type") == WORKFLOW_TASK_TYPE for t in found):
-        raise _NotVisible(
-            "tasks(recursive=true): the tasks inside subworkflow executions are not "
-            "visible to expressions"
-        )
-    if state:
-        found = [t for t in found if t.get("state") == state]
-    if flat:  # Mistral also keeps a workflow task whose state differs from its child's
-        found = [t for t in found if t.get("type") != WORKFLOW_TASK_TYPE]
-    return found
+    """Mistral's ``tasks(workflow_execution_id, recursive, state, flat)``; no id (or an
+    empty one) means the current execution."""
+    execution_id = str(workflow_execution_id) if workflow_execution_id else None
+    return list(host.tasks(execution_id, bool(recursive), state or None, bool(flat)))
 
 
 # -- YAQL (mistral/expressions/yaql_expression.py) -----------------------------------------

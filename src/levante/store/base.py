@@ -61,6 +61,14 @@ class StoreTransaction(Protocol):
 
     async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]: ...
 
+    async def read_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        """Another execution, read without locking it (what an expression may look at)."""
+        ...
+
+    async def execution_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        """Every task row of an execution, oldest first, read without locking it."""
+        ...
+
     async def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
         """Insert new rows, update existing ones (by id)."""
         ...

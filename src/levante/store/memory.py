@@ -96,6 +96,12 @@ class MemoryTransaction:
     async def update_execution(self, execution: ExecutionRecord) -> None:
         self.executions[execution.id] = execution
 
+    async def read_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        return self._execution(execution_id)
+
+    async def execution_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        return self._tasks_of(execution_id)
+
     async def get_task(self, task_id: TaskId) -> TaskRecord | None:
         return self._task(task_id)
 

@@ -327,6 +327,20 @@ class PostgresTransaction:
         with _Failing(f"cannot save execution {execution.id}"):
             await self._conn.execute(_UPSERT_EXECUTION, *rows.execution_row(execution))
 
+    async def read_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        with _Failing(f"cannot read execution {execution_id}"):
+            row = await self._conn.fetchrow(
+                f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1", execution_id
+            )
+        return None if row is None else rows.execution_from_row(row)
+
+    async def execution_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        with _Failing(f"cannot read the tasks of execution {execution_id}"):
+            found = await self._conn.fetch(
+                f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 ORDER BY seq", execution_id
+            )
+        return [rows.task_from_row(r) for r in found]
+
     async def get_task(self, task_id: TaskId) -> TaskRecord | None:
         with _Failing(f"cannot read task {task_id}"):
             row = await self._conn.fetchrow(f"SELECT {_TASK_COLS} FROM tasks WHERE id=$1", task_id)

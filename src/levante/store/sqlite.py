@@ -283,6 +283,15 @@ class SqliteTransaction:
                 found[name] = rows.task_from_row(row)
         return found
 
+    async def read_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        return await self.lock_execution(execution_id)  # a read: the write lock is held anyway
+
+    async def execution_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        found = self._all(
+            f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? ORDER BY seq", (execution_id,)
+        )
+        return [rows.task_from_row(r) for r in found]
+
     async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
         found = self._all(
             f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=? AND state='WAITING' ORDER BY seq",
