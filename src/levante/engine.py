@@ -322,7 +322,8 @@ class Engine:
             if found is None:
                 raise NotFoundError(f"task_id '{assignment_id}' not found")
             execution = await tx.lock_execution(found.execution_id)
-            assignment = await tx.get_assignment(assignment_id)
+            # Re-read once the execution is locked: another replica may have changed it.
+            assignment = found if tx.holds_store_lock else await tx.get_assignment(assignment_id)
             if execution is None or assignment is None:
                 raise NotFoundError(f"task_id '{assignment_id}' not found")
             if (

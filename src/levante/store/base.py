@@ -43,6 +43,11 @@ class StoredDefinition:
 
 
 class StoreTransaction(Protocol):
+    #: True when a transaction holds the whole store's write lock from its start, so a
+    #: row it read cannot change before it ends (SQLite); False when only the rows it
+    #: locks are protected (PostgreSQL: re-read a row after locking its execution).
+    holds_store_lock: bool
+
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None: ...
 
     async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None: ...

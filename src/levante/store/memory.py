@@ -52,6 +52,8 @@ class _Tables:
 
 
 class MemoryTransaction:
+    holds_store_lock = False
+
     def __init__(self, tables: _Tables) -> None:
         self._t = tables
         self.executions: dict[ExecutionId, ExecutionRecord] = {}

@@ -260,6 +260,8 @@ log = logging.getLogger("levante.store.postgres")
 class PostgresTransaction:
     """One BEGIN ... COMMIT on a connection of the pool (READ COMMITTED)."""
 
+    holds_store_lock = False
+
     def __init__(self, conn: Any) -> None:
         self._conn = conn
 

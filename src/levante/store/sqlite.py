@@ -234,6 +234,10 @@ class SqliteTransaction:
     other than the file.
     """
 
+    # Every transaction holds the database's write lock from its first statement: what
+    # it read cannot change under it (see StoreTransaction.holds_store_lock).
+    holds_store_lock = True
+
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
 
