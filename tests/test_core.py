@@ -18,11 +18,13 @@ from levante.core.model import (
     AssignmentCompleted,
     AssignmentRecord,
     AssignmentState,
+    BacklogResumed,
     Decision,
     DispatchAssignment,
     Event,
     ExecutionDrained,
     ExecutionRecord,
+    ExecutionResumeRequested,
     ExecutionStarted,
     ExecutionState,
     Outcome,
@@ -32,7 +34,7 @@ from levante.core.model import (
     TaskState,
 )
 from levante.errors import InvalidInputError
-from levante.ids import DefinitionId, ExecutionId
+from levante.ids import DefinitionId, ExecutionId, TaskId
 from levante.lang.parser import parse_document
 from levante.lang.spec import WorkflowSpec
 
@@ -79,6 +81,8 @@ class Driver:
     def _for(self, event: Event) -> Snapshot:
         if isinstance(event, TaskFinished):
             return self._snapshot(self.tasks[event.task_id], None)
+        if isinstance(event, BacklogResumed):
+            return self._snapshot(self.tasks[TaskId(str(event.entry["task_id"]))], None)
         assert isinstance(event, ExecutionDrained)
         return self._snapshot(None, None)
 
@@ -91,6 +95,11 @@ class Driver:
         snapshot = self._snapshot(self.tasks[a.task_id], a)
         self._apply(decide(self.spec, snapshot, AssignmentCompleted(a.id, a.task_id, outcome,
                                                                     self.now)))
+
+    def resume(self) -> None:
+        self.now += 1
+        self._apply(decide(self.spec, self._snapshot(None, None),
+                           ExecutionResumeRequested(ExecutionId("ex"), self.now)))  # fmt: skip
 
     def state(self) -> ExecutionState:
         assert self.execution is not None
@@ -362,3 +371,166 @@ def test_core_and_lang_import_no_io() -> None:
                     assert not any(name == f or name.startswith(f + ".") for f in forbidden), (
                         f"{path.name} imports {name}"
                     )
+
+
+# ---------------------------------------------------------------- policy values
+
+
+def _with_policy(policy: str) -> str:
+    """``t`` runs after ``first`` published ``seen``; its policy reads the input ``v``."""
+    return f"""
+version: '2.0'
+wf:
+  input: [v]
+  output-on-error: {{seen: <% $.get(seen) %>}}
+  tasks:
+    first:
+      action: std.echo output=1
+      publish: {{seen: <% task().result %>}}
+      on-success: [t]
+    t:
+      action: test.boom
+{policy}
+      on-error: [handler]
+    handler:
+      action: std.noop
+"""
+
+
+NOT_NUMBERS = ["soon", "2", True, False, [1], {"s": 1}, float("nan"), float("inf"), -1, -0.5]
+NOT_COUNTS = [*NOT_NUMBERS, 1.5]
+NOT_FLAGS = ["yes", "true", 1, 0, [True], {"on": True}]
+START = "Failed to run task"
+COMPLETION = "Failed to handle action completion"
+POLICIES = [
+    # (policy text, policy class and key in the message, when it is checked, bad values)
+    ("      retry:\n        count: <% $.v %>\n        delay: 0", "RetryPolicy: retry count",
+     COMPLETION, NOT_COUNTS),
+    ("      retry:\n        count: 1\n        delay: <% $.v %>", "RetryPolicy: retry delay",
+     COMPLETION, NOT_NUMBERS),
+    ("      wait-after: <% $.v %>", "WaitAfterPolicy: wait-after", COMPLETION, NOT_NUMBERS),
+    ("      wait-before: <% $.v %>", "WaitBeforePolicy: wait-before", START, NOT_NUMBERS),
+    ("      timeout: <% $.v %>", "TimeoutPolicy: timeout", START, NOT_NUMBERS),
+    ("      pause-before: <% $.v %>", "PauseBeforePolicy: pause-before", START, NOT_FLAGS),
+    ("      with-items: x in [1, 2]\n      concurrency: <% $.v %>",
+     "ConcurrencyPolicy: concurrency", START, NOT_COUNTS),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("policy", "named", "when", "value"),
+    [pytest.param(p, n, w, v, id=f"{n.split(': ')[1]}={v!r}") for p, n, w, vs in POLICIES
+     for v in vs],
+)  # fmt: skip
+def test_a_policy_value_of_the_wrong_type_fails_the_task_and_the_execution(
+    policy: str, named: str, when: str, value: Any
+) -> None:
+    d = Driver(_with_policy(policy))
+    d.start({"v": value})
+    d.complete("first", Outcome.success(1))
+    if when == COMPLETION:
+        d.complete("t", Outcome.failure({"type": "ValueError", "message": "boom"}))
+    assert d.state() == ExecutionState.ERROR
+    assert d.execution is not None
+    info = d.execution.state_info
+    assert info.startswith(f"{when} [error=Invalid data type in {named} must be "), info
+    assert d.task_states() == {"first": "SUCCESS", "t": "ERROR"}  # Mistral: no on-error
+    [t] = [t for t in d.tasks.values() if t.name == "t"]
+    assert t.state_info == info
+    # The failed task is an end task: output-on-error sees the context it had.
+    assert d.execution.output == {"result": info, "seen": 1}
+    assert d.execution.active_tasks == 0
+
+
+def test_a_policy_value_that_is_text_is_named_in_the_message() -> None:
+    d = Driver(_with_policy("      wait-after: <% $.v %>"))
+    d.start({"v": "soon"})
+    d.complete("first", Outcome.success(1))
+    d.complete("t", Outcome.success(None))
+    assert d.execution is not None
+    assert "Invalid data type in WaitAfterPolicy: wait-after must be a number of seconds >= 0, " \
+        "not 'soon', wf=wf, task=t" in d.execution.state_info
+
+
+def test_policy_values_of_the_right_type_are_taken() -> None:
+    # A whole float is a count, as in Mistral's schema: 2.0 retries twice.
+    d = Driver(_with_policy("      retry:\n        count: <% $.v %>\n        delay: 0"))
+    d.start({"v": 2.0})
+    d.complete("first", Outcome.success(1))
+    for _ in range(3):
+        d.complete("t", Outcome.failure("boom"))
+    d.complete("handler", Outcome.success(None))
+    assert d.state() == ExecutionState.SUCCESS
+    [t] = [t for t in d.tasks.values() if t.name == "t"]
+    assert t.attempt == 3
+
+    items = Driver(_with_policy("      with-items: x in [1, 2, 3]\n      concurrency: <% $.v %>"))
+    items.start({"v": 2.0})
+    items.complete("first", Outcome.success(1))
+    assert [a.item for a in items.queued()] == [0, 1]
+
+    delayed = Driver(_with_policy("      wait-before: <% $.v %>"))
+    delayed.start({"v": 0.5})
+    delayed.complete("first", Outcome.success(1))
+    assert delayed.task_states()["t"] == "RUNNING_DELAYED"
+
+
+@pytest.mark.parametrize("policy", [p for p, _, _, _ in POLICIES])
+def test_a_policy_value_that_is_null_leaves_the_policy_off(policy: str) -> None:
+    d = Driver(_with_policy(policy))
+    d.start({"v": None})
+    d.complete("first", Outcome.success(1))
+    assert d.state() == ExecutionState.RUNNING
+    assert {a.task_name for a in d.queued()} == {"t"}
+
+
+# ---------------------------------------------------------------- the final context
+
+
+ENDED_BY_A_COMMAND = """
+version: '2.0'
+wf:
+  output: {{up: <% $.get(up) %>, mine: <% $.get(mine) %>}}
+  output-on-error: {{up: <% $.get(up) %>, mine: <% $.get(mine) %>}}
+  tasks:
+    first:
+      action: std.echo output=1
+      publish: {{up: <% task().result %>}}
+      on-success: [t]
+    t:
+      action: std.echo output=2
+      publish: {{mine: <% task().result %>}}
+      publish-on-error: {{mine: failed}}
+      {clause}
+"""
+
+
+@pytest.mark.parametrize(
+    ("clause", "ok", "state", "mine"),
+    [
+        ("on-success: [succeed]", True, ExecutionState.SUCCESS, 2),
+        ("on-complete: [succeed]", True, ExecutionState.SUCCESS, 2),
+        ("on-success: [noop, succeed]", True, ExecutionState.SUCCESS, 2),
+        ("on-success: ['fail(msg=\"stop\")']", True, ExecutionState.ERROR, 2),
+        ("on-error: [fail]", False, ExecutionState.ERROR, "failed"),
+        ("on-complete: [fail]", False, ExecutionState.ERROR, "failed"),
+        ("on-success: [pause]", True, ExecutionState.SUCCESS, 2),
+        ("on-success: [pause, succeed]", True, ExecutionState.SUCCESS, 2),
+        ("on-error: [pause, fail]", False, ExecutionState.ERROR, "failed"),
+    ],
+)  # fmt: skip
+def test_the_task_that_ran_succeed_fail_or_pause_is_in_the_final_context(
+    clause: str, ok: bool, state: ExecutionState, mine: Any
+) -> None:
+    d = Driver(ENDED_BY_A_COMMAND.format(clause=clause))
+    d.start()
+    d.complete("first", Outcome.success(1))
+    d.complete("t", Outcome.success(2) if ok else Outcome.failure("boom"))
+    if "pause" in clause:
+        assert d.state() == ExecutionState.PAUSED
+        d.resume()
+    assert d.state() == state
+    assert d.execution is not None
+    output = dict(d.execution.output)
+    output.pop("result", None)  # output-on-error adds the state_info
+    assert output == {"up": 1, "mine": mine}

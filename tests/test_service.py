@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from levante.client import Client
@@ -173,3 +176,102 @@ ctx:
     assert info.state == "SUCCESS"
     # As in Mistral: the final context holds what tasks published, not the input.
     assert info.output == {"b": 2}
+
+
+POLICY_VALUES = """
+version: '2.0'
+retry_count:
+  input: [v]
+  output-on-error: {seen: <% $.get(seen) %>}
+  tasks:
+    first:
+      action: std.echo output=1
+      publish: {seen: <% task().result %>}
+      on-success: [t]
+    t:
+      action: test.boom
+      retry:
+        count: <% $.v %>
+        delay: 0
+      on-error: [handler]
+    handler:
+      action: std.noop
+wait_after:
+  input: [v]
+  tasks:
+    t:
+      action: std.echo output=1
+      wait-after: <% $.v %>
+pause_before:
+  input: [v]
+  tasks:
+    t:
+      action: std.echo output=1
+      pause-before: <% $.v %>
+"""
+
+
+async def test_policy_values_of_the_wrong_type_fail_the_task_through_the_service(
+    client: Client,
+) -> None:
+    await client.register_workflows(POLICY_VALUES)
+    cases = {
+        "retry_count": ("many", "Failed to handle action completion [error=Invalid data type "
+                        "in RetryPolicy: retry count must be a whole number >= 0, not 'many'"),
+        "wait_after": (-2, "Failed to handle action completion [error=Invalid data type in "
+                       "WaitAfterPolicy: wait-after must be a number of seconds >= 0, not -2"),
+        "pause_before": ("yes", "Failed to run task [error=Invalid data type in "
+                         "PauseBeforePolicy: pause-before must be true or false, not 'yes'"),
+    }  # fmt: skip
+    started = {name: await client.run(name, {"v": v}) for name, (v, _) in cases.items()}
+    for name, (_, message) in cases.items():
+        info = await client.wait(started[name])
+        assert info.state == "ERROR", (name, info.state)
+        assert info.state_info.startswith(message), info.state_info
+        t = info.tasks_named("t")[0]
+        assert t.state == "ERROR" and t.state_info == info.state_info
+        assert not info.tasks_named("handler")  # Mistral: no on-error after a forced failure
+    retried = await client.wait(started["retry_count"])
+    assert retried.output == {"result": retried.state_info, "seen": 1}
+
+
+ENDED_BY_COMMANDS = """
+version: '2.0'
+failing:
+  output-on-error: {up: <% $.get(up) %>, why: <% $.get(why) %>}
+  tasks:
+    first:
+      action: std.echo output=1
+      publish: {up: <% task().result %>}
+      on-success: [t]
+    t:
+      action: test.boom message="disk full"
+      publish-on-error: {why: <% task().result.message %>}
+      on-error: [fail]
+pausing:
+  output: {mine: <% $.get(mine) %>}
+  tasks:
+    t:
+      action: std.echo output=2
+      publish: {mine: <% task().result %>}
+      on-success: [pause, succeed]
+"""
+
+
+async def test_output_sees_the_task_that_ran_fail_or_pause_through_the_service(
+    client: Client,
+) -> None:
+    await client.register_workflows(ENDED_BY_COMMANDS)
+    failed = await client.wait(await client.run("failing"))
+    assert failed.state == "ERROR"
+    assert failed.output == {"result": "", "up": 1, "why": "disk full"}
+
+    execution_id = await client.run("pausing")
+    deadline = time.monotonic() + 30
+    while (await client.get_status(execution_id)).state != "PAUSED":
+        assert time.monotonic() < deadline, "never paused"
+        await asyncio.sleep(0.02)
+    await client.resume(execution_id)
+    resumed = await client.wait(execution_id)
+    assert resumed.state == "SUCCESS", resumed.state_info
+    assert resumed.output == {"mine": 2}

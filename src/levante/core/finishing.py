@@ -12,7 +12,8 @@ Rules (Mistral's):
 - A finished task's commands are the on-success (or on-error) entries whose condition
   holds, then the on-complete ones; the first fail / succeed / pause drops the rest.
   An error is handled when its on-error clause produced a command.
-- An expression failing while a completion is handled fails the task and the execution.
+- An expression failing while a completion is handled, or a policy value of the wrong
+  type, fails the task and the execution at once (no on-error), as in Mistral.
 - Reverse workflows: a successful task lets the tasks that require it start.
 """
 
@@ -46,6 +47,9 @@ from levante.core.running import (
     apply_adhoc_output,
     assignment_id,
     fail_to_start,
+    force_fail,
+    policy_count,
+    policy_seconds,
     release,
     schedule,
     start,
@@ -159,7 +163,7 @@ def settle(
         return
     wait_after = task_spec.policies.wait_after
     if wait_after is not None and not step.current(task).runtime.get("waited_after"):
-        delay = _number(step.evaluate(wait_after, task.in_context, task), "WaitAfterPolicy")
+        delay = policy_seconds("wait-after", step.evaluate(wait_after, task.in_context, task))
         if delay > 0:
             current = step.current(task)
             step.put_task(replace(current, state=TaskState.RUNNING_DELAYED, runtime={
@@ -184,7 +188,7 @@ def _retry(
     judged = replace(current, result=outcome.value,
                      state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR)  # fmt: skip
     data = _with_own_publish(step, judged, outcome.ok)
-    count = int(_number(step.evaluate(retry.count, data, judged), "RetryPolicy", whole=True))
+    count = policy_count("retry count", step.evaluate(retry.count, data, judged))
     key = "retry_no" if assignment.item is None else f"retry_no:{assignment.item}"
     retry_no = int(current.runtime.get(key, 0))
     if retry_no >= count:
@@ -197,7 +201,7 @@ def _retry(
             return False
     elif not step.evaluate(retry.continue_on, data, judged):
         return False
-    delay = _number(step.evaluate(retry.delay, data, judged), "RetryPolicy")
+    delay = policy_seconds("retry delay", step.evaluate(retry.delay, data, judged))
     runtime = {**current.runtime, key: retry_no + 1}
     if assignment.item is None:
         runtime["retry_no"] = retry_no + 1
@@ -226,7 +230,7 @@ def _retry_items(
     judged = replace(current, result=outcome.value, state=TaskState.ERROR)
     data = _with_own_publish(step, judged, False)
     retry_no = int(current.runtime.get("retry_no", 0))
-    if retry_no >= _number(step.evaluate(retry.count, data, judged), "RetryPolicy", whole=True):
+    if retry_no >= policy_count("retry count", step.evaluate(retry.count, data, judged)):
         return False
     if retry.break_on is not None and step.evaluate(retry.break_on, data, judged):
         return False
@@ -234,9 +238,10 @@ def _retry_items(
         return False
     attempt = current.attempt + 1
     count = len(items)
-    concurrency = step.evaluate(step.spec.task(task.name).policies.concurrency, data, judged)
-    concurrency = _number(concurrency, "ConcurrencyPolicy", whole=True)
-    limit = count if not concurrency else min(count, int(concurrency))
+    concurrency = policy_count(
+        "concurrency", step.evaluate(step.spec.task(task.name).policies.concurrency, data, judged)
+    )
+    limit = count if not concurrency else min(count, concurrency)
     runtime = {**current.runtime, "retry_no": retry_no + 1, "items": count, "started": limit,
                "done": 0}  # fmt: skip
     step.put_task(replace(current, state=TaskState.RUNNING, attempt=attempt, runtime=runtime))
@@ -250,18 +255,6 @@ def _retry_items(
         else:
             step.put_assignment(replace(again, state=AssignmentState.HELD))
     return True
-
-
-def _number(value: Any, policy: str, *, whole: bool = False) -> float:
-    """A policy's evaluated number (None and false mean 0); TaskStartError otherwise."""
-    if value is None or value is False:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0 or (
-        whole and not float(value).is_integer()
-    ):
-        kind = "a whole number >= 0" if whole else "a number >= 0"
-        raise TaskStartError(f"Invalid data type in {policy}: {value!r} is not {kind}")
-    return float(value)
 
 
 def _with_own_publish(step: Step, task: TaskRecord, ok: bool) -> dict[str, Any]:
@@ -348,11 +341,7 @@ def fail_handling(step: Step, task: TaskRecord, error: Exception) -> None:
         f"Failed to handle action completion [error={error}, wf={step.spec.name}, "
         f"task={task.name}, action={task.action}]"
     )
-    current = step.current(task)
-    if not current.state.is_final:
-        step.update_execution(active_tasks=step.execution.active_tasks - 1)
-    step.put_task(replace(current, state=TaskState.ERROR, state_info=message))
-    step.end_execution(ExecutionState.ERROR, message)
+    force_fail(step, step.current(task), message)
 
 
 def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str = "") -> None:

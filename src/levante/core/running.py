@@ -10,10 +10,14 @@ Rules:
 - A workflow task starts one child execution per item; each is tracked by an
   assignment in state CHILD, so with-items, retry and results work the same way.
 - Any expression that fails while starting a task fails the task and the execution.
+- Policy values are checked once evaluated (``policy_seconds``, ``policy_count``,
+  ``policy_flag``, also used after a try): one of the wrong type fails the task like a
+  failing expression, in Mistral's words (``Invalid data type in TimeoutPolicy: ...``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +36,7 @@ from levante.core.model import (
     TimerRecord,
     replace,
 )
-from levante.core.step import Step, merge_by_version
+from levante.core.step import Step, merge_by_version, outbound_context
 from levante.errors import ExpressionError
 from levante.ids import AssignmentId, ExecutionId, task_id_for
 from levante.lang.spec import ActionSpec, TaskSpec
@@ -116,16 +120,27 @@ def _arrive(step: Step, name: str, context: Mapping[str, Any], arrived_from: str
     start(step, step.put_task(replace(waiting, state=TaskState.RUNNING)))
 
 
+def force_fail(step: Step, task: TaskRecord, message: str) -> None:
+    """Mistral's forced failure: the task, then at once the execution, end in ERROR.
+
+    No on-error runs. The task took no transition, so its context is in the final
+    context that ``output-on-error`` sees, as any end task's is.
+    """
+    if not task.state.is_final:
+        step.update_execution(active_tasks=step.execution.active_tasks - 1)
+    task = step.put_task(replace(task, state=TaskState.ERROR, state_info=message))
+    outbound = outbound_context(task.in_context, task.published)
+    step.update_execution(final_context=merge_by_version(step.execution.final_context, outbound))
+    step.end_execution(ExecutionState.ERROR, message)
+
+
 def fail_to_start(step: Step, task: TaskRecord, error: Exception) -> None:
     """Mistral: a task that cannot start fails, and so does its execution, at once."""
     message = f"Failed to run task [error={error}, wf={step.spec.name}, task={task.name}]"
     current = step.current(task)
     if step.spec.task(task.name).with_items is not None:
         current = replace(current, result=[])  # Mistral: a with-items task's result is a list
-    if not current.state.is_final:
-        step.update_execution(active_tasks=step.execution.active_tasks - 1)
-    step.put_task(replace(current, state=TaskState.ERROR, state_info=message))
-    step.end_execution(ExecutionState.ERROR, message)
+    force_fail(step, current, message)
 
 
 def _policy(step: Step, task: TaskRecord, value: Any, what: str) -> Any:
@@ -137,21 +152,57 @@ def _policy(step: Step, task: TaskRecord, value: Any, what: str) -> Any:
         raise TaskStartError(f"{what}: {e}") from e
 
 
-_POLICY_NAMES = {"wait-before": "WaitBeforePolicy", "timeout": "TimeoutPolicy",
-                 "wait-after": "WaitAfterPolicy"}  # fmt: skip
+# Mistral checks each policy's evaluated values against a schema and names the policy
+# class when one has the wrong type (``Invalid data type in WaitBeforePolicy: ...``).
+# None (an expression that found nothing) leaves the policy off; a boolean is no number.
+_POLICY_CLASSES = {
+    "retry count": "RetryPolicy", "retry delay": "RetryPolicy", "timeout": "TimeoutPolicy",
+    "wait-before": "WaitBeforePolicy", "wait-after": "WaitAfterPolicy",
+    "pause-before": "PauseBeforePolicy", "concurrency": "ConcurrencyPolicy",
+}  # fmt: skip
 
 
-def _seconds(step: Step, task: TaskRecord, value: Any, what: str) -> float:
-    evaluated = _policy(step, task, value, what)
-    if evaluated is None or evaluated is False:
+def _invalid_policy(what: str, value: Any, wanted: str) -> TaskStartError:
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return TaskStartError(
+        f"Invalid data type in {_POLICY_CLASSES[what]}: {what} must be {wanted}, not {shown}"
+    )
+
+
+def policy_seconds(what: str, value: Any) -> float:
+    """An evaluated duration: a finite number of seconds >= 0 (fractions too)."""
+    if value is None:
         return 0.0
-    if isinstance(evaluated, bool) or not isinstance(evaluated, int | float) or evaluated < 0:
-        policy = _POLICY_NAMES.get(what, what)
-        raise TaskStartError(
-            f"Invalid data type in {policy}: {what} must be a number of seconds >= 0, "
-            f"not {evaluated!r}"
-        )
-    return float(evaluated)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int too large for a float
+            seconds = math.inf
+        if math.isfinite(seconds):
+            return seconds
+    raise _invalid_policy(what, value, "a number of seconds >= 0")
+
+
+def policy_count(what: str, value: Any) -> int:
+    """An evaluated count: a whole number >= 0 (``2.0`` is 2, as in Mistral's schema)."""
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():  # false for nan and infinities
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise _invalid_policy(what, value, "a whole number >= 0")
+
+
+def policy_flag(what: str, value: Any) -> bool:
+    """An evaluated switch: true or false."""
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    raise _invalid_policy(what, value, "true or false")
 
 
 def start(step: Step, task: TaskRecord) -> None:
@@ -165,8 +216,8 @@ def start(step: Step, task: TaskRecord) -> None:
 def _start(step: Step, task: TaskRecord) -> None:
     task_spec = step.spec.task(task.name)
     policies = task_spec.policies
-    if not task.runtime.get("paused_before") and _policy(
-        step, task, policies.pause_before, "pause-before"
+    if not task.runtime.get("paused_before") and policy_flag(
+        "pause-before", _policy(step, task, policies.pause_before, "pause-before")
     ):
         step.put_task(replace(task, state=TaskState.IDLE,
                               runtime={**task.runtime, "paused_before": True}))  # fmt: skip
@@ -176,7 +227,9 @@ def _start(step: Step, task: TaskRecord) -> None:
         step.add_backlog({"kind": "start", "task_id": task.id})
         return
     if not task.runtime.get("waited_before"):
-        delay = _seconds(step, task, policies.wait_before, "wait-before")
+        delay = policy_seconds(
+            "wait-before", _policy(step, task, policies.wait_before, "wait-before")
+        )
         if delay > 0:
             step.put_task(replace(task, state=TaskState.RUNNING_DELAYED,
                                   runtime={**task.runtime, "waited_before": True}))  # fmt: skip
@@ -185,7 +238,7 @@ def _start(step: Step, task: TaskRecord) -> None:
                 kind="wait-before", due_at=step.now + delay, task_id=task.id,
             )))  # fmt: skip
             return
-    timeout = _seconds(step, task, policies.timeout, "timeout")
+    timeout = policy_seconds("timeout", _policy(step, task, policies.timeout, "timeout"))
     if timeout > 0:
         task = step.put_task(replace(step.current(task), runtime={
             **step.current(task).runtime, "deadline": step.now + timeout}))  # fmt: skip
@@ -225,9 +278,9 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
     count = lengths.pop() if lengths else 0
     if step.spec.max_with_items is not None and count > step.spec.max_with_items:
         raise TaskStartError(with_items_message(count, step.spec.max_with_items))
-    concurrency = _policy(step, task, task_spec.policies.concurrency, "concurrency")
-    if concurrency is not None and (not isinstance(concurrency, int) or concurrency < 0):
-        raise TaskStartError(f"Invalid data type in ConcurrencyPolicy: {concurrency!r}")
+    concurrency = policy_count(
+        "concurrency", _policy(step, task, task_spec.policies.concurrency, "concurrency")
+    )
     limit = count if not concurrency else min(count, concurrency)
     attempt = task.attempt + 1
     runtime = {**task.runtime, "items": count, "started": limit, "done": 0}
