@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any
@@ -221,9 +221,6 @@ _EXECUTION_COLS = ", ".join(rows.EXECUTION_COLUMNS)
 _TASK_COLS = ", ".join(rows.TASK_COLUMNS)
 _ASSIGNMENT_COLS = ", ".join(rows.ASSIGNMENT_COLUMNS)
 _TIMER_COLS = ", ".join(rows.TIMER_COLUMNS)
-_UPSERT_EXECUTION = _upsert_sql("executions", rows.EXECUTION_COLUMNS)
-_UPSERT_TASK = _upsert_sql("tasks", rows.TASK_COLUMNS)
-_UPSERT_ASSIGNMENT = _upsert_sql("assignments", rows.ASSIGNMENT_COLUMNS)
 # A taken request_id inserts nothing instead of failing, so the transaction stays
 # usable (as after SQLite's failed INSERT); a concurrent uncommitted insert of the same
 # request_id makes this wait for that transaction's end.
@@ -253,6 +250,61 @@ _INSERT_TIMER = (
 )
 
 
+_HISTORY_COLUMNS = (
+    "execution_id", "kind", "task_id", "task_name", "state", "state_info", "cause", "at",
+)  # fmt: skip
+# PostgreSQL's type of each column, for the arrays the buffered writes are sent in.
+_COLUMN_TYPES = {
+    "seq": "int8", "definition_id": "int8", "next_seq": "int8", "attempt": "int4",
+    "has_next": "int4", "outcome_ok": "int4", "item": "int4", "active_tasks": "int4",
+    "waiting_tasks": "int4", "created_at": "float8", "updated_at": "float8",
+    "lease_expires_at": "float8", "deadline": "float8", "at": "float8",
+}  # every other column is text
+
+
+def _columns(found: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows as one list per column (empty lists when there are none)."""
+    listed = list(found)
+    return [list(c) for c in zip(*listed, strict=True)] if listed else [[] for _ in range(width)]
+
+
+def _unnest(table: str, columns: Sequence[str], first: int, upsert: bool) -> str:
+    """INSERT the rows sent as one array per column from parameter ``first`` on, in order."""
+    arrays = ", ".join(
+        f"${first + i}::{_COLUMN_TYPES.get(c, 'text')}[]" for i, c in enumerate(columns)
+    )
+    listed = ", ".join(columns)
+    sql = (
+        f"INSERT INTO {table} ({listed}) SELECT {listed} FROM unnest({arrays}) "
+        f"WITH ORDINALITY AS u({listed}, ord) ORDER BY ord"
+    )
+    if upsert:
+        sql += " ON CONFLICT (id) DO UPDATE SET " + ", ".join(
+            f"{c}=EXCLUDED.{c}" for c in columns if c != "id"
+        )
+    return sql
+
+
+def _write_buffered_sql() -> str:
+    """One statement for every write a decision makes: tasks, assignments, executions
+    (upserts), history rows, deleted timers and the work notification."""
+    n = 1
+    parts = []
+    for name, table, columns, upsert in (
+        ("t", "tasks", rows.TASK_COLUMNS, True),
+        ("a", "assignments", rows.ASSIGNMENT_COLUMNS, True),
+        ("e", "executions", rows.EXECUTION_COLUMNS, True),
+        ("h", "history", _HISTORY_COLUMNS, False),
+    ):
+        parts.append(f"{name} AS ({_unnest(table, columns, n, upsert)})")
+        n += len(columns)
+    parts.append(f"d AS (DELETE FROM timers WHERE id = ANY(${n}::text[]))")
+    parts.append(f"n AS (SELECT pg_notify(${n + 1}, ${n + 2}) WHERE ${n + 2} <> '')")
+    return "WITH " + ", ".join(parts) + " SELECT (SELECT count(*) FROM n)"
+
+
+_WRITE_BUFFERED = _write_buffered_sql()
+
 WORK_CHANNEL = "levante_work"
 log = logging.getLogger("levante.store.postgres")
 
@@ -264,12 +316,36 @@ class PostgresTransaction:
 
     def __init__(self, conn: Any) -> None:
         self._conn = conn
+        # Writes wait here, newest row per id, and go to the server as one statement
+        # (_WRITE_BUFFERED) before the transaction's next statement or its commit.
+        self._tasks: dict[str, tuple[Any, ...]] = {}
+        self._assignments: dict[str, tuple[Any, ...]] = {}
+        self._executions: dict[str, tuple[Any, ...]] = {}
+        self._history: list[tuple[Any, ...]] = []
+        self._gone_timers: set[str] = set()
+        self._announced: set[str] = set()
+
+    async def send_buffered(self) -> None:
+        """Send the buffered writes, so that what runs next sees them (one round trip)."""
+        if not (self._tasks or self._assignments or self._executions or self._history
+                or self._gone_timers or self._announced):  # fmt: skip
+            return
+        params = [
+            *_columns(self._tasks.values(), len(rows.TASK_COLUMNS)),
+            *_columns(self._assignments.values(), len(rows.ASSIGNMENT_COLUMNS)),
+            *_columns(self._executions.values(), len(rows.EXECUTION_COLUMNS)),
+            *_columns(self._history, len(_HISTORY_COLUMNS)),
+            sorted(self._gone_timers),
+            WORK_CHANNEL,
+            ",".join(sorted(self._announced)),
+        ]
+        self._tasks, self._assignments, self._executions = {}, {}, {}
+        self._history, self._gone_timers, self._announced = [], set(), set()
+        with _Failing("cannot save the transaction's writes"):
+            await self._conn.execute(_WRITE_BUFFERED, *params)
 
     async def announce(self, actions: Collection[str]) -> None:
-        with _Failing("cannot announce queued work"):
-            await self._conn.execute(
-                "SELECT pg_notify($1, $2)", WORK_CHANNEL, ",".join(sorted(actions))
-            )
+        self._announced.update(actions)
 
     async def claim_assignments(
         self,
@@ -279,6 +355,7 @@ class PostgresTransaction:
         lease_until: float,
         targets: Collection[str] = (),
     ) -> list[AssignmentRecord]:
+        await self.send_buffered()
         if limit <= 0 or not actions:
             return []
         with _Failing(f"cannot claim assignments for worker {worker_id}"):
@@ -288,6 +365,7 @@ class PostgresTransaction:
         return [rows.assignment_from_row(r) for r in sorted(found, key=lambda r: r["seq"])]
 
     async def note_waiting(self, task: TaskRecord, action: str) -> None:
+        await self.send_buffered()
         await self.save_tasks([task])
         with _Failing(f"cannot note task {task.id} as waiting"):
             await self._conn.execute(
@@ -297,6 +375,7 @@ class PostgresTransaction:
             )  # fmt: skip
 
     async def action_catalogue(self, names: Collection[str]) -> dict[str, float]:
+        await self.send_buffered()
         with _Failing("cannot read the action catalogue"):
             found = await self._conn.fetch(
                 "SELECT name, online_until FROM actions WHERE name = ANY($1::text[])", list(names)
@@ -304,6 +383,7 @@ class PostgresTransaction:
         return {r["name"]: float(r["online_until"]) for r in found}
 
     async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        await self.send_buffered()
         with _Failing(f"cannot lock execution {execution_id}"):
             row = await self._conn.fetchrow(
                 f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1 FOR UPDATE", execution_id
@@ -311,6 +391,7 @@ class PostgresTransaction:
         return None if row is None else rows.execution_from_row(row)
 
     async def find_execution_by_request_id(self, request_id: str) -> ExecutionId | None:
+        await self.send_buffered()
         with _Failing("cannot look up a request_id"):
             found = await self._conn.fetchval(
                 "SELECT id FROM executions WHERE request_id=$1", request_id
@@ -318,6 +399,7 @@ class PostgresTransaction:
         return None if found is None else ExecutionId(found)
 
     async def insert_execution(self, execution: ExecutionRecord) -> None:
+        await self.send_buffered()
         with _Failing(f"cannot insert execution {execution.id}"):
             status = await self._conn.execute(_INSERT_EXECUTION, *rows.execution_row(execution))
         if _count(status) == 0:
@@ -326,10 +408,10 @@ class PostgresTransaction:
             )
 
     async def update_execution(self, execution: ExecutionRecord) -> None:
-        with _Failing(f"cannot save execution {execution.id}"):
-            await self._conn.execute(_UPSERT_EXECUTION, *rows.execution_row(execution))
+        self._executions[execution.id] = rows.execution_row(execution)
 
     async def read_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        await self.send_buffered()
         with _Failing(f"cannot read execution {execution_id}"):
             row = await self._conn.fetchrow(
                 f"SELECT {_EXECUTION_COLS} FROM executions WHERE id=$1", execution_id
@@ -337,6 +419,7 @@ class PostgresTransaction:
         return None if row is None else rows.execution_from_row(row)
 
     async def execution_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        await self.send_buffered()
         with _Failing(f"cannot read the tasks of execution {execution_id}"):
             found = await self._conn.fetch(
                 f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 ORDER BY seq", execution_id
@@ -344,6 +427,7 @@ class PostgresTransaction:
         return [rows.task_from_row(r) for r in found]
 
     async def get_task(self, task_id: TaskId) -> TaskRecord | None:
+        await self.send_buffered()
         with _Failing(f"cannot read task {task_id}"):
             row = await self._conn.fetchrow(f"SELECT {_TASK_COLS} FROM tasks WHERE id=$1", task_id)
         return None if row is None else rows.task_from_row(row)
@@ -351,6 +435,7 @@ class PostgresTransaction:
     async def latest_tasks(
         self, execution_id: ExecutionId, names: Collection[str]
     ) -> dict[str, TaskRecord]:
+        await self.send_buffered()
         if not names:
             return {}
         with _Failing(f"cannot read the tasks of execution {execution_id}"):
@@ -363,6 +448,7 @@ class PostgresTransaction:
         return {r["name"]: rows.task_from_row(r) for r in found}
 
     async def waiting_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        await self.send_buffered()
         with _Failing(f"cannot read the waiting tasks of execution {execution_id}"):
             found = await self._conn.fetch(
                 f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 AND state='WAITING' "
@@ -372,11 +458,11 @@ class PostgresTransaction:
         return [rows.task_from_row(r) for r in found]
 
     async def save_tasks(self, tasks: Sequence[TaskRecord]) -> None:
-        if tasks:
-            with _Failing("cannot save tasks"):
-                await self._conn.executemany(_UPSERT_TASK, [rows.task_row(t) for t in tasks])
+        for t in tasks:
+            self._tasks[t.id] = rows.task_row(t)
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
+        await self.send_buffered()
         # Locked until commit: see the module docstring.
         with _Failing(f"cannot read assignment {assignment_id}"):
             row = await self._conn.fetchrow(
@@ -386,13 +472,11 @@ class PostgresTransaction:
         return None if row is None else rows.assignment_from_row(row)
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
-        if assignments:
-            with _Failing("cannot save assignments"):
-                await self._conn.executemany(
-                    _UPSERT_ASSIGNMENT, [rows.assignment_row(a) for a in assignments]
-                )
+        for a in assignments:
+            self._assignments[a.id] = rows.assignment_row(a)
 
     async def task_assignments(self, task_id: TaskId) -> list[AssignmentRecord]:
+        await self.send_buffered()
         with _Failing(f"cannot read the assignments of task {task_id}"):
             found = await self._conn.fetch(
                 f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE task_id=$1 ORDER BY seq",
@@ -401,6 +485,7 @@ class PostgresTransaction:
         return [rows.assignment_from_row(r) for r in found]
 
     async def unfinished_tasks(self, execution_id: ExecutionId) -> list[TaskRecord]:
+        await self.send_buffered()
         with _Failing(f"cannot read the unfinished tasks of execution {execution_id}"):
             found = await self._conn.fetch(
                 f"SELECT {_TASK_COLS} FROM tasks WHERE execution_id=$1 "
@@ -410,6 +495,7 @@ class PostgresTransaction:
         return [rows.task_from_row(r) for r in found]
 
     async def pause_assignments(self, execution_id: ExecutionId) -> None:
+        await self.send_buffered()
         with _Failing(f"cannot pause the assignments of execution {execution_id}"):
             await self._conn.execute(
                 "UPDATE assignments SET state='PAUSED' WHERE execution_id=$1 AND state='QUEUED'",
@@ -417,6 +503,7 @@ class PostgresTransaction:
             )
 
     async def resume_assignments(self, execution_id: ExecutionId) -> None:
+        await self.send_buffered()
         with _Failing(f"cannot resume the assignments of execution {execution_id}"):
             await self._conn.execute(
                 "UPDATE assignments SET state='QUEUED' WHERE execution_id=$1 AND state='PAUSED'",
@@ -424,6 +511,7 @@ class PostgresTransaction:
             )
 
     async def queued_actions(self, execution_id: ExecutionId) -> set[str]:
+        await self.send_buffered()
         with _Failing(f"cannot read the queued actions of execution {execution_id}"):
             found = await self._conn.fetch(
                 "SELECT DISTINCT action FROM assignments WHERE execution_id=$1 AND state='QUEUED'",
@@ -432,6 +520,7 @@ class PostgresTransaction:
         return {r[0] for r in found}
 
     async def cancel_execution_work(self, execution_id: ExecutionId) -> None:
+        await self.send_buffered()
         with _Failing(f"cannot cancel the work of execution {execution_id}"):
             await self._conn.execute(
                 "UPDATE assignments SET state='CANCELLED', worker_id=NULL, lease_expires_at=NULL "
@@ -441,6 +530,7 @@ class PostgresTransaction:
             await self._conn.execute("DELETE FROM timers WHERE execution_id=$1", execution_id)
 
     async def child_execution_ids(self, execution_id: ExecutionId) -> list[ExecutionId]:
+        await self.send_buffered()
         # A subworkflow's assignment (state CHILD) carries its execution's id.
         with _Failing(f"cannot read the subworkflows of execution {execution_id}"):
             found = await self._conn.fetch(
@@ -450,6 +540,7 @@ class PostgresTransaction:
         return [ExecutionId(r[0]) for r in found]
 
     async def fail_task_assignments(self, task_id: TaskId, error: Any) -> None:
+        await self.send_buffered()
         with _Failing(f"cannot fail the assignments of task {task_id}"):
             await self._conn.execute(
                 "UPDATE assignments SET state='DONE', worker_id=NULL, lease_expires_at=NULL, "
@@ -461,28 +552,22 @@ class PostgresTransaction:
     async def append_history(self, entries: Sequence[HistoryEntry]) -> None:
         # seq comes from one sequence for all executions; within one execution it grows in
         # commit order too, because every writer of an execution holds its row lock.
-        if entries:
-            with _Failing("cannot append to the history"):
-                await self._conn.executemany(
-                    "INSERT INTO history (execution_id, kind, task_id, task_name, state, "
-                    "state_info, cause, at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
-                    [(e.execution_id, e.kind, e.task_id, e.task_name, e.state, e.state_info,
-                      e.cause, e.at) for e in entries],
-                )  # fmt: skip
+        self._history.extend(
+            (e.execution_id, e.kind, e.task_id, e.task_name, e.state, e.state_info, e.cause, e.at)
+            for e in entries
+        )
 
     async def save_timers(self, timers: Sequence[TimerRecord]) -> None:
+        await self.send_buffered()
         if timers:
             with _Failing("cannot save timers"):
                 await self._conn.executemany(_INSERT_TIMER, [rows.timer_row(t) for t in timers])
 
     async def delete_timers(self, timer_ids: Collection[str]) -> None:
-        if timer_ids:
-            with _Failing("cannot delete timers"):
-                await self._conn.execute(
-                    "DELETE FROM timers WHERE id = ANY($1::text[])", list(timer_ids)
-                )
+        self._gone_timers.update(timer_ids)
 
     async def take_timer(self, timer_id: str) -> TimerRecord | None:
+        await self.send_buffered()
         with _Failing(f"cannot take timer {timer_id}"):
             row = await self._conn.fetchrow(
                 "DELETE FROM timers WHERE id = "
@@ -654,7 +739,9 @@ class PostgresStore:
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[PostgresTransaction]:
         async with self._connection_in_transaction() as conn:
-            yield PostgresTransaction(conn)
+            tx = PostgresTransaction(conn)
+            yield tx
+            await tx.send_buffered()
 
     # -- definitions
 
