@@ -105,7 +105,7 @@ def _item_done(
     if held and int(runtime["started"]) < int(runtime["items"]):
         runtime["started"] = int(runtime["started"]) + 1
         release(step, held[0])
-    step.put_task(replace(step.current(task), runtime=runtime))
+    step.put_task(step.current(task), runtime=runtime)
     if runtime["done"] >= runtime["items"]:
         step.followups.append(ItemsSettled(task.id, step.now))
 
@@ -155,8 +155,8 @@ def settle(
         judged = replace(task, result=outcome.value, state=TaskState.SUCCESS)
         if step.evaluate(task_spec.policies.fail_on, task.in_context, judged):
             outcome = Outcome.failure(outcome.value)
-            task = step.put_task(replace(step.current(task), runtime={
-                **step.current(task).runtime, "state_info": "Failed by fail-on policy"}))
+            task = step.put_task(step.current(task), runtime={
+                **step.current(task).runtime, "state_info": "Failed by fail-on policy"})
     if assignment is not None and _retry(step, task, outcome, assignment):
         return
     if items is not None and not outcome.ok and _retry_items(step, task, outcome, items):
@@ -166,9 +166,9 @@ def settle(
         delay = policy_seconds("wait-after", step.evaluate(wait_after, task.in_context, task))
         if delay > 0:
             current = step.current(task)
-            step.put_task(replace(current, state=TaskState.RUNNING_DELAYED, runtime={
+            step.put_task(current, state=TaskState.RUNNING_DELAYED, runtime={
                 **current.runtime, "waited_after": True,
-                "pending": {"ok": outcome.ok, "value": outcome.value}}))  # fmt: skip
+                "pending": {"ok": outcome.ok, "value": outcome.value}})  # fmt: skip
             step.commands.append(StartTimer(TimerRecord(
                 id=f"{task.id}:wait-after", execution_id=task.execution_id,
                 kind="wait-after", due_at=step.now + delay, task_id=task.id,
@@ -208,13 +208,13 @@ def _retry(
     if delay > 0:
         if assignment.item is None:
             current = replace(current, state=TaskState.RUNNING_DELAYED)
-        step.put_task(replace(current, runtime=runtime))
+        step.put_task(current, runtime=runtime)
         step.commands.append(StartTimer(TimerRecord(
             id=f"{assignment.id}:retry", execution_id=task.execution_id, kind="retry",
             due_at=step.now + delay, task_id=task.id, payload={"assignment_id": assignment.id},
         )))  # fmt: skip
         return True
-    step.put_task(replace(current, runtime=runtime))
+    step.put_task(current, runtime=runtime)
     _next_attempt(step, step.current(task), assignment)
     return True
 
@@ -244,7 +244,7 @@ def _retry_items(
     limit = count if not concurrency else min(count, concurrency)
     runtime = {**current.runtime, "retry_no": retry_no + 1, "items": count, "started": limit,
                "done": 0}  # fmt: skip
-    step.put_task(replace(current, state=TaskState.RUNNING, attempt=attempt, runtime=runtime))
+    step.put_task(current, state=TaskState.RUNNING, attempt=attempt, runtime=runtime)
     for index in sorted(items):
         previous = items[index]
         again = replace(previous, id=assignment_id(task, index, attempt), attempt=attempt,
@@ -273,8 +273,8 @@ def _next_attempt(step: Step, task: TaskRecord, previous: AssignmentRecord) -> N
         outcome=None, worker_id=None, lease_expires_at=None, created_at=step.now,
     )  # fmt: skip
     if previous.item is None:
-        step.put_task(replace(task, state=TaskState.RUNNING, attempt=attempt,
-                              assignment_id=again.id))  # fmt: skip
+        step.put_task(task, state=TaskState.RUNNING, attempt=attempt,
+                      assignment_id=again.id)  # fmt: skip
     release(step, again)
 
 
@@ -309,7 +309,7 @@ def timer_fired(step: Step, event: TimerFired) -> None:
         match timer.kind:
             case "wait-before":
                 if task.state == TaskState.RUNNING_DELAYED:
-                    start(step, step.put_task(replace(task, state=TaskState.RUNNING)))
+                    start(step, step.put_task(task, state=TaskState.RUNNING))
             case "retry":
                 previous = step.snapshot.assignment
                 if previous is not None:
@@ -352,21 +352,22 @@ def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str 
     task_spec = step.spec.task(task.name)
     if not outcome.ok:
         state_info = state_info or error_message(outcome.value)
-    task = step.put_task(replace(task, result=outcome.value, state_info=state_info if not
-                                 outcome.ok else "",
-                                 state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR))
+    task = step.put_task(task, result=outcome.value,
+                         state_info="" if outcome.ok else state_info,
+                         state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR)
     step.update_execution(active_tasks=step.execution.active_tasks - 1)
     step.commands.append(CancelTimer(f"{task.id}:timeout"))
     if step.execution.state.is_final:
         return  # the execution ended (fail, succeed...): record the outcome, start nothing
     try:
         published, globals_ = _publish(step, task, outcome.ok)
-        task = step.put_task(replace(task, published=published))
+        if published != task.published:
+            task = step.put_task(task, published=published)
         if globals_:
             step.update_execution(context=merge_contexts(step.execution.context, globals_))
         keep = task_spec.keep_result
         if keep is not True and not step.evaluate(keep, {**task.in_context, **published}, task):
-            task = step.put_task(replace(task, runtime={**task.runtime, "drop_result": True}))
+            task = step.put_task(task, runtime={**task.runtime, "drop_result": True})
     except ExpressionError as e:
         fail_handling(step, task, e)
         return
@@ -391,7 +392,7 @@ def take_transitions(
         fail_handling(step, task, e)
         return
     if task.runtime.get("drop_result"):
-        task = step.put_task(replace(task, result=None))  # keep-result: false
+        task = step.put_task(task, result=None)  # keep-result: false
     handled = ok or any(from_on_error for _, _, from_on_error in commands)
     ended_here = False
     for index, (transition, params, _) in enumerate(commands):
@@ -420,7 +421,7 @@ def take_transitions(
     if not handled:
         step.record_unhandled_error(task)
     if took_task:
-        step.put_task(replace(step.current(task), has_next=True))
+        step.put_task(step.current(task), has_next=True)
     elif not ended_here:
         step.update_execution(final_context=merge_by_version(step.execution.final_context,
                                                              outbound))  # fmt: skip
@@ -530,7 +531,7 @@ def fail_stranded_joins(step: Step) -> None:
         task = min(upstream_first, key=lambda t: t.seq)
         step.update_execution(waiting_tasks=step.execution.waiting_tasks - 1,
                               active_tasks=step.execution.active_tasks + 1)  # fmt: skip
-        running = step.put_task(replace(task, state=TaskState.RUNNING))
+        running = step.put_task(task, state=TaskState.RUNNING)
         message = f"Failed by tasks: {missing(task)}"
         finish_task(step, running, Outcome.failure(message), message)
     step.finish_execution_if_done()

@@ -24,7 +24,6 @@ from levante.core.model import (
     StartTimer,
     TaskState,
     TimerRecord,
-    replace,
 )
 from levante.core.running import start
 from levante.core.step import Step
@@ -72,7 +71,7 @@ def backlog_resumed(step: Step, event: BacklogResumed) -> None:
                              bool(event.entry.get("ignore_pause")))  # fmt: skip
         case "start":
             if task.state == TaskState.IDLE:
-                start(step, step.put_task(replace(task, state=TaskState.RUNNING)))
+                start(step, step.put_task(task, state=TaskState.RUNNING))
         case other:
             raise AssertionError(f"unknown backlog entry {other}")
 
@@ -81,7 +80,7 @@ def cancel(step: Step, reason: str) -> None:
     if step.execution.state.is_final:
         return
     for task in step.snapshot.unfinished:
-        step.put_task(replace(task, state=TaskState.CANCELLED, state_info=reason))
+        step.put_task(task, state=TaskState.CANCELLED, state_info=reason)
     step.update_execution(
         state=ExecutionState.CANCELLED, state_info=reason, output={"result": reason},
         active_tasks=0, waiting_tasks=0, backlog=(),
@@ -101,8 +100,8 @@ def rerun(step: Step, task_name: str) -> None:
         state=ExecutionState.RUNNING, state_info="", output=None, errors=errors,
         active_tasks=step.execution.active_tasks + 1,
     )  # fmt: skip
-    fresh = step.put_task(replace(
+    fresh = step.put_task(
         task, state=TaskState.RUNNING, state_info="", result=None, published={},
         runtime={"rerun": int(task.runtime.get("rerun", 0)) + 1}, has_next=False,
-    ))  # fmt: skip
+    )  # fmt: skip
     start(step, fresh)

@@ -58,14 +58,17 @@ def schedule(step: Step, name: str, context: Mapping[str, Any], arrived_from: st
     if waits and arrived_from is not None:
         _arrive(step, name, context, arrived_from)
         return
-    task = _new_task(step, name, TaskState.RUNNING, context)
-    step.update_execution(active_tasks=step.execution.active_tasks + 1)
+    task = _new_task(step, name, TaskState.RUNNING, context,
+                     active_tasks=step.execution.active_tasks + 1)  # fmt: skip
     start(step, task)
 
 
-def _new_task(step: Step, name: str, state: TaskState, context: Mapping[str, Any]) -> TaskRecord:
+def _new_task(
+    step: Step, name: str, state: TaskState, context: Mapping[str, Any], **counts: int
+) -> TaskRecord:
+    """A new task row; the execution's sequence moves on (and its ``counts`` change)."""
     seq = step.execution.next_seq
-    step.update_execution(next_seq=seq + 1)
+    step.update_execution(next_seq=seq + 1, **counts)
     return step.put_task(
         TaskRecord(
             id=task_id_for(step.execution.id, seq),
@@ -98,26 +101,25 @@ def _arrive(step: Step, name: str, context: Mapping[str, Any], arrived_from: str
     ):
         # A late inbound of a join that fired already (join: N, one): Mistral keeps one
         # task execution per join, so the arrival is noted and nothing starts again.
-        step.put_task(replace(latest, arrivals=(*latest.arrivals, arrived_from)))
+        step.put_task(latest, arrivals=(*latest.arrivals, arrived_from))
         return
     if latest is not None and latest.state == TaskState.WAITING:
         waiting = latest
     else:
-        waiting = _new_task(step, name, TaskState.WAITING, {})
-        step.update_execution(waiting_tasks=step.execution.waiting_tasks + 1)
-    waiting = replace(
+        waiting = _new_task(step, name, TaskState.WAITING, {},
+                            waiting_tasks=step.execution.waiting_tasks + 1)  # fmt: skip
+    waiting = step.put_task(
         waiting,
         arrivals=(*waiting.arrivals, arrived_from),
         in_context=merge_by_version(waiting.in_context, context),
     )
     if len(set(waiting.arrivals)) < _needed(step, name):
-        step.put_task(waiting)
         return
     step.update_execution(
         waiting_tasks=step.execution.waiting_tasks - 1,
         active_tasks=step.execution.active_tasks + 1,
     )
-    start(step, step.put_task(replace(waiting, state=TaskState.RUNNING)))
+    start(step, step.put_task(waiting, state=TaskState.RUNNING))
 
 
 def force_fail(step: Step, task: TaskRecord, message: str) -> None:
@@ -128,7 +130,7 @@ def force_fail(step: Step, task: TaskRecord, message: str) -> None:
     """
     if not task.state.is_final:
         step.update_execution(active_tasks=step.execution.active_tasks - 1)
-    task = step.put_task(replace(task, state=TaskState.ERROR, state_info=message))
+    task = step.put_task(task, state=TaskState.ERROR, state_info=message)
     outbound = outbound_context(task.in_context, task.published)
     step.update_execution(final_context=merge_by_version(step.execution.final_context, outbound))
     step.end_execution(ExecutionState.ERROR, message)
@@ -219,8 +221,8 @@ def _start(step: Step, task: TaskRecord) -> None:
     if not task.runtime.get("paused_before") and policy_flag(
         "pause-before", _policy(step, task, policies.pause_before, "pause-before")
     ):
-        step.put_task(replace(task, state=TaskState.IDLE,
-                              runtime={**task.runtime, "paused_before": True}))  # fmt: skip
+        step.put_task(task, state=TaskState.IDLE,
+                      runtime={**task.runtime, "paused_before": True})  # fmt: skip
         if step.execution.state != ExecutionState.PAUSED:
             step.update_execution(state=ExecutionState.PAUSED)
             step.commands.append(PauseAssignments(step.execution.id))
@@ -231,8 +233,8 @@ def _start(step: Step, task: TaskRecord) -> None:
             "wait-before", _policy(step, task, policies.wait_before, "wait-before")
         )
         if delay > 0:
-            step.put_task(replace(task, state=TaskState.RUNNING_DELAYED,
-                                  runtime={**task.runtime, "waited_before": True}))  # fmt: skip
+            step.put_task(task, state=TaskState.RUNNING_DELAYED,
+                          runtime={**task.runtime, "waited_before": True})  # fmt: skip
             step.commands.append(StartTimer(TimerRecord(
                 id=f"{task.id}:wait-before", execution_id=task.execution_id,
                 kind="wait-before", due_at=step.now + delay, task_id=task.id,
@@ -240,15 +242,15 @@ def _start(step: Step, task: TaskRecord) -> None:
             return
     timeout = policy_seconds("timeout", _policy(step, task, policies.timeout, "timeout"))
     if timeout > 0:
-        task = step.put_task(replace(step.current(task), runtime={
-            **step.current(task).runtime, "deadline": step.now + timeout}))  # fmt: skip
+        task = step.put_task(step.current(task), runtime={
+            **step.current(task).runtime, "deadline": step.now + timeout})  # fmt: skip
         step.commands.append(StartTimer(TimerRecord(
             id=f"{task.id}:timeout", execution_id=task.execution_id, kind="timeout",
             due_at=step.now + timeout, task_id=task.id, payload={"seconds": timeout},
         )))  # fmt: skip
     if task_spec.workflow is not None:
-        task = step.put_task(replace(step.current(task),
-                                     runtime={**task.runtime, "subworkflow": True}))  # fmt: skip
+        task = step.put_task(step.current(task),
+                             runtime={**task.runtime, "subworkflow": True})  # fmt: skip
     if task_spec.with_items is not None:
         _start_items(step, task, task_spec)
         return
@@ -256,8 +258,8 @@ def _start(step: Step, task: TaskRecord) -> None:
     first = make_assignment(step, task, attempt=attempt, item=None, item_context={})
     if first is None:
         return  # an inline noop: finished through a follow-up
-    step.put_task(replace(step.current(task), state=TaskState.RUNNING, attempt=attempt,
-                          assignment_id=first.id))  # fmt: skip
+    step.put_task(step.current(task), state=TaskState.RUNNING, attempt=attempt,
+                  assignment_id=first.id)  # fmt: skip
     release(step, first)
 
 
@@ -285,7 +287,7 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
     attempt = task.attempt + 1
     runtime = {**task.runtime, "items": count, "started": limit, "done": 0}
     if count == 0:
-        step.put_task(replace(task, runtime=runtime))
+        step.put_task(task, runtime=runtime)
         step.followups.append(TaskFinished(task.id, Outcome.success([]), step.now))
         return
     for index in range(count):
@@ -296,7 +298,7 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
             release(step, assignment)
         else:
             step.put_assignment(replace(assignment, state=AssignmentState.HELD))
-    step.put_task(replace(step.current(task), attempt=attempt, runtime=runtime))
+    step.put_task(step.current(task), attempt=attempt, runtime=runtime)
 
 
 def assignment_id(task: TaskRecord, item: int | None, attempt: int) -> AssignmentId:
@@ -318,7 +320,7 @@ def make_assignment(
     task_spec = step.spec.task(task.name)
     data = {**task.in_context, **item_context}
     if task_spec.runs_noop:
-        step.put_task(replace(step.current(task), action=NOOP_ACTION))
+        step.put_task(step.current(task), action=NOOP_ACTION)
         if item is None:
             step.followups.append(TaskFinished(task.id, Outcome.success(None), step.now))
             return None
@@ -339,7 +341,7 @@ def make_assignment(
         raise TaskStartError(f"action name {action!r} is not a name")
     base, base_input = resolve_adhoc(step, action, action_input)
     deadline = step.current(task).runtime.get("deadline")
-    step.put_task(replace(step.current(task), action=action))  # the name the task asked for
+    step.put_task(step.current(task), action=action)  # the name the task asked for
     return AssignmentRecord(
         id=assignment_id(task, item, attempt), task_id=task.id, execution_id=task.execution_id,
         task_name=task.name, action=base, input=base_input, attempt=attempt,
@@ -363,7 +365,9 @@ def release(step: Step, assignment: AssignmentRecord) -> None:
     if step.execution.state == ExecutionState.PAUSED:
         step.put_assignment(replace(assignment, state=AssignmentState.PAUSED))
         return
-    queued = replace(assignment, state=AssignmentState.QUEUED)
+    queued = assignment
+    if queued.state != AssignmentState.QUEUED:
+        queued = replace(assignment, state=AssignmentState.QUEUED)
     step.put_assignment(queued)
     step.commands.append(DispatchAssignment(queued))
 

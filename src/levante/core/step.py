@@ -25,6 +25,7 @@ from levante.core.model import (
     Snapshot,
     TaskRecord,
     TasksNeeded,
+    TaskState,
     replace,
 )
 from levante.errors import ExpressionError
@@ -134,6 +135,34 @@ def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, A
     return view
 
 
+_HAS_EXPRESSION: Final = object()
+
+
+def _constant(value: Any) -> Any:
+    """``value`` as ``expressions.evaluate`` returns it when it holds no expression (a
+    copy: mappings become dicts, tuples lists), or _HAS_EXPRESSION. Most values a
+    decision evaluates (action names, inputs, params) hold none."""
+    if isinstance(value, str):
+        return _HAS_EXPRESSION if expressions.is_expression(value) else value
+    if isinstance(value, Mapping):
+        copy: dict[Any, Any] = {}
+        for key, item in value.items():
+            item = _constant(item)
+            if item is _HAS_EXPRESSION:
+                return _HAS_EXPRESSION
+            copy[key] = item
+        return copy
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            item = _constant(item)
+            if item is _HAS_EXPRESSION:
+                return _HAS_EXPRESSION
+            items.append(item)
+        return items
+    return value
+
+
 class Step:
     """Mutable scratch space for one decision; the result is frozen in decision()."""
 
@@ -149,7 +178,7 @@ class Step:
         loaded = [*snapshot.tasks.values(), *snapshot.unfinished]
         if snapshot.task is not None:
             loaded.append(snapshot.task)
-        self._states_before: dict[str, str] = {t.id: t.state.value for t in loaded}
+        self._states_before: dict[str, TaskState] = {t.id: t.state for t in loaded}
         self._execution_state_before = None if new_execution else snapshot.execution.state
         self.latest: dict[str, TaskRecord] = dict(snapshot.tasks)
         if snapshot.task is not None:
@@ -177,7 +206,7 @@ class Step:
         ex = self.execution
         entries: list[HistoryEntry] = []
         for task in sorted(self.changed_tasks.values(), key=lambda t: t.seq):
-            if self._states_before.get(task.id) != task.state.value:
+            if self._states_before.get(task.id) != task.state:
                 entries.append(HistoryEntry(ex.id, "task", task.state.value, task.state_info,
                                             self.cause, self.now, task.id, task.name))
         if ex.state != self._execution_state_before:
@@ -189,8 +218,10 @@ class Step:
                 entries.insert(0, entry)
         return tuple(entries)
 
-    def put_task(self, task: TaskRecord) -> TaskRecord:
-        task = replace(task, updated_at=self.now)
+    def put_task(self, task: TaskRecord, **changes: Any) -> TaskRecord:
+        """Record a new version of a task row (``task`` with ``changes``) in this step."""
+        if changes or task.updated_at != self.now:
+            task = replace(task, updated_at=self.now, **changes)
         self.changed_tasks[task.id] = task
         latest = self.latest.get(task.name)
         if latest is None or latest.seq <= task.seq:
@@ -243,6 +274,9 @@ class Step:
         return expressions.evaluate(value, context, _Host(self, None))
 
     def evaluate(self, value: Any, data: Mapping[str, Any], current: TaskRecord | None) -> Any:
+        constant = _constant(value)
+        if constant is not _HAS_EXPRESSION:
+            return constant  # what evaluate() returns for it, without building a context
         return expressions.evaluate(
             value, self.expression_context(data, current), _Host(self, current)
         )

@@ -7,9 +7,7 @@ and applied at commit, so a failed transaction leaves nothing behind, as with SQ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from levante.core.model import (
@@ -21,6 +19,7 @@ from levante.core.model import (
     TaskRecord,
     TaskState,
     TimerRecord,
+    replace,
 )
 from levante.errors import RequestIdTakenError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
@@ -52,7 +51,9 @@ class _Tables:
 
 
 class MemoryTransaction:
-    holds_store_lock = False
+    # Every transaction holds the store's one lock, and so does every other write: a
+    # row read in a transaction cannot change under it (see StoreTransaction).
+    holds_store_lock = True
 
     def __init__(self, tables: _Tables) -> None:
         self._t = tables
@@ -148,23 +149,26 @@ class MemoryTransaction:
     ) -> list[AssignmentRecord]:
         if limit <= 0 or not actions:
             return []
-        candidates = {i: self._t.assignments[i] for i in self._t.queued}
-        candidates.update(self.assignments)  # this transaction's own view wins
-        queued = [a for a in candidates.values() if a.state == AssignmentState.QUEUED]
-        queued.sort(key=lambda a: a.created_at)  # stable: FIFO
+        own = self.assignments  # this transaction's own view wins
+        queued = self._t.queued
+        rows = [own.get(i) or self._t.assignments[i] for i in queued]
+        rows += [a for i, a in own.items() if i not in queued]
+        takes = [
+            a for a in rows
+            if a.state == AssignmentState.QUEUED and a.action in actions
+            and (a.target is None or a.target in targets)
+        ]  # fmt: skip
+        takes.sort(key=lambda a: a.created_at)  # stable: FIFO
         claimed: list[AssignmentRecord] = []
-        for a in queued:
-            if len(claimed) >= limit:
-                break
-            if a.action in actions and (a.target is None or a.target in targets):
-                leased = replace(
-                    a,
-                    state=AssignmentState.LEASED,
-                    worker_id=worker_id,
-                    lease_expires_at=min(lease_until, a.deadline or lease_until),
-                )
-                self.assignments[a.id] = leased
-                claimed.append(leased)
+        for a in takes[:limit]:
+            leased = replace(
+                a,
+                state=AssignmentState.LEASED,
+                worker_id=worker_id,
+                lease_expires_at=min(lease_until, a.deadline or lease_until),
+            )
+            own[a.id] = leased
+            claimed.append(leased)
         return claimed
 
     async def note_waiting(self, task: TaskRecord, action: str) -> None:
@@ -254,8 +258,8 @@ class MemoryTransaction:
 
     def commit(self) -> None:
         t = self._t
-        for entry in self.new_history:
-            t.history.append(replace(entry, seq=len(t.history) + 1))
+        for seq, entry in enumerate(self.new_history, len(t.history) + 1):
+            t.history.append(replace(entry, seq=seq))
         for timer_id in self.gone_timers:
             t.timers.pop(timer_id, None)
         t.timers.update(self.new_timers)
@@ -274,6 +278,31 @@ class MemoryTransaction:
         for assignment in self.assignments.values():
             t.put_assignment(assignment)
         t.notes.update(self.notes)
+
+
+class _Transaction:
+    """``async with store.transaction() as tx``: commits when the block ends without error.
+
+    A class rather than an ``asynccontextmanager``: one is entered per engine verb.
+    """
+
+    __slots__ = ("_lock", "_tables", "_tx")
+
+    def __init__(self, lock: asyncio.Lock, tables: _Tables) -> None:
+        self._lock = lock
+        self._tables = tables
+
+    async def __aenter__(self) -> MemoryTransaction:
+        await self._lock.acquire()
+        self._tx = MemoryTransaction(self._tables)
+        return self._tx
+
+    async def __aexit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if kind is None:
+                self._tx.commit()
+        finally:
+            self._lock.release()
 
 
 class MemoryStore:
@@ -308,12 +337,8 @@ class MemoryStore:
         text = self._definitions.get(definition_id)
         return None if text is None else StoredDefinition(definition_id, text)
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[MemoryTransaction]:
-        async with self._lock:
-            tx = MemoryTransaction(self._t)
-            yield tx
-            tx.commit()
+    def transaction(self) -> _Transaction:
+        return _Transaction(self._lock, self._t)
 
     async def get_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
         return self._t.executions.get(execution_id)
