@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -107,7 +108,28 @@ class _WorkflowIndex:
         return {task_name, *self.waiting_successors.get(task_name, ()), *self.referenced}
 
 
+# What _index derives from a parsed workflow, by the spec object (parsed documents are
+# cached by text, so every engine in the process shares them): bounded, oldest out.
+_DERIVED: dict[int, tuple[WorkflowSpec, frozenset[str], dict[str, tuple[str, ...]]]] = {}
+_DERIVED_SIZE = 1024
+_DERIVED_LOCK = threading.Lock()  # in-process runners each run an engine on a thread
+
+
 def _index(definition_id: DefinitionId, spec: WorkflowSpec) -> _WorkflowIndex:
+    with _DERIVED_LOCK:
+        found = _DERIVED.get(id(spec))
+    if found is None or found[0] is not spec:
+        referenced, waiting = _derive(spec)
+        with _DERIVED_LOCK:
+            if len(_DERIVED) >= _DERIVED_SIZE:
+                del _DERIVED[next(iter(_DERIVED))]
+            found = _DERIVED[id(spec)] = (spec, referenced, waiting)
+    return _WorkflowIndex(definition_id, spec, found[1], found[2])
+
+
+def _derive(spec: WorkflowSpec) -> tuple[frozenset[str], dict[str, tuple[str, ...]]]:
+    """The task names expressions read with task('x') (every task when one is dynamic),
+    and each task's successors that wait for it (joins; reverse: dependents)."""
     referenced: set[str] = set()
     dynamic = False
     values: list[Any] = [spec.output, spec.output_on_error]
@@ -136,7 +158,7 @@ def _index(definition_id: DefinitionId, spec: WorkflowSpec) -> _WorkflowIndex:
             waiting[name] = spec.dependent_task_names(name)
         else:
             waiting[name] = tuple(n for n in task.next_task_names() if spec.task(n).join)
-    return _WorkflowIndex(definition_id, spec, frozenset(referenced & set(spec.tasks)), waiting)
+    return frozenset(referenced & set(spec.tasks)), waiting
 
 
 @dataclass
@@ -220,8 +242,9 @@ class Engine:
         spec = document.workflows.get(name)
         if spec is None:
             raise NotFoundError(f"workflow '{name}' not found in definition {definition_id}")
+        index = _index(definition_id, spec)
         spec = dataclasses.replace(spec, max_with_items=self.limits.with_items)
-        index = self._indexes[key] = _index(definition_id, spec)
+        index = self._indexes[key] = dataclasses.replace(index, spec=spec)
         return index
 
     async def definition_text(self, definition_id: DefinitionId) -> str:

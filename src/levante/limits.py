@@ -177,6 +177,8 @@ def _depth_exceeds(value: Any, max_depth: int) -> bool:
 
 def check_json_value(value: Any, field: str, limit: JsonLimit, limits: Limits) -> None:
     """The checks of ``check_json_text``, on a value already decoded."""
+    if value is None or (not value and type(value) in (dict, list)):
+        return  # most results: nothing to measure
     if _depth_exceeds(value, limits.json_depth):
         raise _exceeded(
             field, "nested too deep", flag_name("json_depth"), limits.json_depth

@@ -356,7 +356,8 @@ def finish_task(step: Step, task: TaskRecord, outcome: Outcome, state_info: str 
                          state_info="" if outcome.ok else state_info,
                          state=TaskState.SUCCESS if outcome.ok else TaskState.ERROR)
     step.update_execution(active_tasks=step.execution.active_tasks - 1)
-    step.commands.append(CancelTimer(f"{task.id}:timeout"))
+    if task.runtime.get("deadline") is not None:  # a timeout timer was started
+        step.commands.append(CancelTimer(f"{task.id}:timeout"))
     if step.execution.state.is_final:
         return  # the execution ended (fail, succeed...): record the outcome, start nothing
     try:
