@@ -357,9 +357,13 @@ def test_core_and_lang_import_no_io() -> None:
           "levante.store", "levante.rpc", "levante.engine", "levante.dispatch"}  # fmt: skip
     # lang/ may use uuid for the expression function uuid(); the core may not.
     forbidden_by_folder = {"core": io | {"uuid", "random"}, "lang": io}
+    # Regular expressions are the one limit that is timed (backtracking cannot be
+    # counted): their module reads the CPU clock.
+    allowed_by_module = {"lang/regex_functions.py": {"time"}}
     src = Path(__file__).resolve().parents[1] / "src" / "levante"
-    for folder, forbidden in forbidden_by_folder.items():
+    for folder, forbidden_in_folder in forbidden_by_folder.items():
         for path in (src / folder).glob("*.py"):
+            forbidden = forbidden_in_folder - allowed_by_module.get(f"{folder}/{path.name}", set())
             tree = ast.parse(path.read_text())
             for node in ast.walk(tree):
                 names: list[str] = []

@@ -9,7 +9,8 @@ Rules:
 * Pure. No I/O, no clock, no asyncio. What an expression may learn about the world (tasks,
   the execution, its env, workflow variables) comes from the caller through
   :class:`ExpressionHost`. Two documented exceptions, both inherited from Mistral:
-  ``uuid()`` returns a random uuid4, and YAQL's standard library keeps ``now()``.
+  ``uuid()`` returns a random uuid4, and YAQL's standard library keeps ``now()``. (The
+  time limit of regular expressions reads the CPU clock; see below.)
 * Mistral's behaviour is the reference (openstack/mistral ``mistral/expressions/``):
   which strings are expressions, whole-string expressions give native values while text
   around or between expressions gives string interpolation (``str()`` of each value),
@@ -28,8 +29,11 @@ Rules:
   checked big-number and string operators. Rendered text is capped (:data:`MAX_RENDERED_LENGTH`).
   The work of one evaluate() call is metered (:class:`_Meter`, :data:`MAX_WORK_STEPS`):
   calls, loop items and the size of the values handled, counted rather than timed so
-  that a replay evaluates the same way. A regular expression's backtracking is the one
-  thing left unbounded: run untrusted workflows under a process CPU limit.
+  that a replay evaluates the same way. Regular expressions are the one thing timed, as
+  backtracking cannot be counted: yaql's regex functions are replaced by
+  :mod:`levante.lang.regex_functions`, whose patterns are bounded in size and share
+  :data:`REGEX_TIMEOUT_SECONDS` of CPU time per evaluate() call; Jinja has no
+  regular-expression filter, and ``urlize`` (whose own regexes are fixed) is metered.
 * Fast. The yaql engine and its root context are built once at import; parsed YAQL
   expressions and compiled Jinja templates are cached by source string (bounded LRU).
 """
@@ -69,11 +73,13 @@ from yaql.language import utils as yaql_utils
 from yaql.language import yaqltypes
 
 from levante.errors import ExpressionError, LevanteError
+from levante.lang import regex_functions
 
 __all__ = [
     "MAX_RENDERED_LENGTH",
     "MAX_WORK_STEPS",
     "NULL_HOST",
+    "REGEX_TIMEOUT_SECONDS",
     "ExpressionHost",
     "NullHost",
     "check_syntax",
@@ -114,6 +120,13 @@ JINJA_CALL_STEPS: Final = 16  # one Jinja function, method, macro or filter call
 ITEM_STEPS: Final = 1  # one item a Jinja loop or a yaql function goes through one by one
 ITEMS_PER_STEP: Final = 4  # a list (dict, set, range) handed over or built, per this many items
 CHARS_PER_STEP: Final = 1024  # a string handed over or built, per this many characters
+URLIZE_CHAR_STEPS: Final = 3  # the urlize filter, per character of its text (see _check_urlize)
+URLIZE_RUN_SQUARES_PER_STEP: Final = 16  # and per this many (run of punctuation length)²
+
+#: The CPU time all the regular expressions of one evaluate() call may take together
+#: (see :mod:`levante.lang.regex_functions`): the one limit that is timed, since
+#: backtracking cannot be counted. Read at each evaluation.
+REGEX_TIMEOUT_SECONDS = 1.0
 
 
 # -- the host ----------------------------------------------------------------------------
@@ -658,7 +671,9 @@ def _build_yaql() -> tuple[Any, Any]:
     engine = yaql_factory.YaqlFactory(keyword_operator="=>", allow_delegates=False).create(
         options=dict(_YAQL_ENGINE_OPTIONS)
     )
-    root = yaql.create_context().create_child_context()
+    # yaql's regex functions run re, which cannot be interrupted: Levante's own instead.
+    root = yaql.create_context(regex=False).create_child_context()
+    regex_functions.register(root)
     for name, function in _YAQL_FUNCTIONS.items():
         root.register_function(function, name=name)
     for checked in _checked_yaql_operators():
@@ -1094,6 +1109,23 @@ def _check_sum(b: inspect.BoundArguments) -> None:
         _check_built_size(start, total)
 
 
+# urlize finds links with regular expressions. One of them, re.search(r"([)>.,\n]|&gt;)+$")
+# on each word, tries every start in a run of such characters: its time grows with the
+# square of the run's length. The rest of urlize is a Python loop over the words.
+_URLIZE_TRAILING_RUN: Final = re.compile(r"[)>.,]{2,}")
+
+
+def _check_urlize(b: inspect.BoundArguments) -> None:
+    """Charge urlize's work to the meter before it runs."""
+    meter = _METER.get()
+    if meter is None:
+        return
+    text = str(b.arguments.get("value", ""))
+    meter.take(len(text) * URLIZE_CHAR_STEPS)  # first: it bounds the scan below
+    squares = sum((m.end() - m.start()) ** 2 for m in _URLIZE_TRAILING_RUN.finditer(text))
+    meter.take(squares // URLIZE_RUN_SQUARES_PER_STEP)
+
+
 _FILTER_CHECKS: Final[dict[str, Callable[[inspect.BoundArguments], None]]] = {
     "batch": _check_count_argument("linecount"),
     "center": _check_center,
@@ -1103,6 +1135,7 @@ _FILTER_CHECKS: Final[dict[str, Callable[[inspect.BoundArguments], None]]] = {
     "replace": _check_replace,
     "slice": _check_count_argument("slices"),
     "sum": _check_sum,
+    "urlize": _check_urlize,
     "wordwrap": _check_wordwrap,
 }
 
@@ -1342,11 +1375,13 @@ def evaluate(value: Any, context: Any, host: ExpressionHost = NULL_HOST) -> Any:
 
     Raises ExpressionError naming the failing expression and the reason, e.g.
     ``Can not evaluate YAQL expression [expression=$.x.y, error=...]``. The whole call may
-    do at most :data:`MAX_WORK_STEPS` steps of work (see :class:`_Meter`).
+    do at most :data:`MAX_WORK_STEPS` steps of work (see :class:`_Meter`), and its regular
+    expressions may take :data:`REGEX_TIMEOUT_SECONDS` of CPU time.
     """
     token = _METER.set(_Meter(MAX_WORK_STEPS))
     try:
-        return _Evaluation(context, host).value(value)
+        with regex_functions.RegexTimeLimit(REGEX_TIMEOUT_SECONDS):
+            return _Evaluation(context, host).value(value)
     finally:
         _METER.reset(token)
 
