@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import time
+import tracemalloc
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 
 from levante.errors import ExpressionError, NotFoundError, StoreError
 from levante.lang import expressions as expr_module
+from levante.lang import regex_functions
 from levante.lang.expressions import (
     MAX_RENDERED_LENGTH,
     NULL_HOST,
@@ -739,6 +742,130 @@ def test_reasonable_values_stay_allowed() -> None:
     assert ev("<% pow(2, 10) %>") == 1024
     assert ev("<% 'aaa'.replace(a, b) %>") == "bbb"
     assert ev("<% [1, 2, 3].replace(0, 9) %>") == [9, 2, 3]  # the list overload still works
+
+
+# Operations that build far more than they are given: each must be refused before it
+# builds, fast and in little memory. (Before these checks, each took from a second and a
+# gigabyte to hanging the engine for hours.)
+AMPLIFIERS = [
+    # str methods reachable from Jinja
+    ("{{ 'a'.ljust(10**9) }}", "string would be longer"),
+    ("{{ 'a'.rjust(10**9, 'x') }}", "string would be longer"),
+    ("{{ 'a'.center(10**9) }}", "string would be longer"),
+    ("{{ 'a'.zfill(10**9) }}", "string would be longer"),
+    ("{{ '\t'.expandtabs(10**9) }}", "string would be longer"),
+    ("{{ ('\t' * 1000).expandtabs(1000000) }}", "string would be longer"),
+    ("{{ ('x' * 1000000).join(['a'] * 300) }}", "string would be longer"),
+    ("{{ ''.join(['x' * 1000000] * 300) }}", "string would be longer"),
+    ("{{ ('a' * 1000000).replace('a', 'b' * 100) }}", "string would be longer"),
+    ("{{ ('a' * 100000).replace('', 'b' * 1000) }}", "string would be longer"),
+    ("{{ ('a' * 1000).translate({97: 'x' * 1000000}) }}", "string would be longer"),
+    ("{{ ('\u00df' * 9000000).upper() }}", "string would be longer"),
+    # a format that prints one argument many times, or many widths
+    ("{{ ('%s' * 1000) % (('x' * 1000000,) * 1000) }}", "string would be longer"),
+    ("{{ ('%(a)s' * 1000) % {'a': 'x' * 1000000} }}", "string would be longer"),
+    ("{{ ('%.10000000f' * 100) % ((1.0,) * 100) }}", "string would be longer"),
+    ("{{ ('%(a)s' * 1000) | format(a='x' * 1000000) }}", "string would be longer"),
+    ("{{ '%(a(b))999999999s' % {'a(b)': 1} }}", "format key holding parentheses"),
+    ("{{ ('{0}' * 1000).format('x' * 1000000) }}", "string would be longer"),
+    ("{{ ('{a}' * 1000).format_map({'a': 'x' * 1000000}) }}", "string would be longer"),
+    ("{{ ('{0[a]}' * 1000).format({'a': 'x' * 1000000}) }}", "string would be longer"),
+    # filters
+    ("{{ (['x' * 1000000] * 1000) | join }}", "string would be longer"),
+    ("{{ ('\x00' * 6000000) | urlencode }}", "string would be longer"),
+    ("{{ ('<' * 3000000) | tojson }}", "string would be longer"),
+    ("{{ ('a' * 1000000) | wordwrap(1) }}", "steps of work"),
+    ("{{ ('a' * 10000000) | sort | length }}", "steps of work"),
+    ("{{ ('a' * 10000000) | max }}", "steps of work"),
+    # str() of a list that holds itself, or one list twice, 40 times over (2**40 items)
+    ("{% set l = [] %}{% set _ = l.append(l) %}{{ l ~ '' }}", "would print more than"),
+    *(
+        (
+            "{% set ns = namespace(x=[1]) %}{% for i in range(40) %}"
+            "{% set ns.x = [ns.x, ns.x] %}{% endfor %}" + tail,
+            "would print more than",
+        )
+        for tail in (
+            "{{ ns.x | string }}",
+            "{{ ns.x ~ '' }}",
+            "{{ ns.x | upper }}",
+            "{{ ns.x }} text",
+            "{{ ns.x | tojson }}",
+            "{{ '%s' % [ns.x] }}",
+            "{{ '{}'.format(ns.x) }}",
+            "{{ [ns.x] | join }}",
+        )
+    ),
+    # YAQL
+    ("<% ('a' * 100000).replace({a => 'b' * 100000}) %>", "string would be longer"),
+    ("<% ('a' * 1000000).replace(regex(''), 'x' * 1000) %>", "replaced string would be longer"),
+    ("<% regex('').replace('a' * 1000000, 'x' * 1000) %>", "replaced string would be longer"),
+    ("<% ('a' * 100000).replace(regex('(a)'), '\\\\1' * 1000) %>", "replaced string would"),
+    (
+        "<% let(b => 'x' * 1000000) -> ('a' * 1000).replaceBy(regex(''), $b) %>",
+        "replaced string would be longer",
+    ),
+    ("<% now().format('%c' * 1000000) %>", "string would be longer"),
+    ("<% str(range(40).aggregate([$1, $1], [1])) %>", "would print more than"),
+    ("<% [range(40).aggregate([$1, $1], [1])].join(',') %>", "would print more than"),
+    (
+        "<% json_dump(range(400).aggregate([$1], range(50000).toList())) %>",
+        "string would be longer",
+    ),
+    (
+        "<% yaml_dump(range(300).aggregate([$1], range(50000).toList())) %>",
+        "string would be longer",
+    ),
+]
+
+
+@pytest.mark.parametrize(("expression", "message"), AMPLIFIERS)
+def test_amplifiers_are_refused_before_they_build(expression: str, message: str) -> None:
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        fails(expression, match=message)
+        elapsed = time.monotonic() - started
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Some inputs above take 20 MiB; upper, urlencode and tojson are checked after they
+    # build (at most a few times their input), on inputs chosen to stay under the limit.
+    assert peak < 128 * 1024 * 1024, f"{peak / 1024 / 1024:.0f} MiB"
+    assert elapsed < 10, f"{elapsed:.1f}s"  # generous: tracing and a loaded machine
+
+
+def test_amplifiers_keep_their_ordinary_results() -> None:
+    assert ev("{{ 'ab'.ljust(5) }}|") == "ab   |"
+    assert ev("{{ 'ab'.rjust(4, '.') ~ 'a'.center(5, '*') }}") == "..ab**a**"
+    assert ev("{{ '7'.zfill(3) }}") == "007"
+    assert ev("{{ 'a\tb'.expandtabs(4) }}") == "a   b"
+    assert ev("{{ '-'.join(['a', 'b']) ~ ','.join(range(3) | map('string')) }}") == "a-b0,1,2"
+    assert ev("{{ 'aaa'.replace('a', 'bb', 2) }}") == "bbbba"
+    assert ev("{{ 'abc'.translate({97: 'xy', 98: None}) }}") == "xyc"
+    assert ev("{{ 'a'.ljust(100000) | length }}") == 100_000
+    assert ev("{{ '%s-%5d|%(x)s' % {'x': 1} if false else '%s-%5d' % ('a', 7) }}") == "a-    7"
+    assert ev("{{ '%(a)s %(b)r' % {'a': 1, 'b': 'x'} }}") == "1 'x'"
+    assert ev("{{ '%.2f|%s' % (3.14159, [1, 2]) }}") == "3.14|[1, 2]"
+    assert ev("{{ '{0[a]}-{1}-{x:>3}'.format({'a': 5}, 2, x=3) }}") == "5-2-  3"
+    assert ev("{{ '{:{}}|{}'.format('a', 3, 'z') }}") == "a  |z"
+    assert ev("{{ ['a', 'b'] | join('-') }}") == "a-b"
+    assert ev("{{ 'Hello World' | wordwrap(5) }}") == "Hello\nWorld"
+    assert ev("{{ [[1], [1]] | string }} {{ [2, 1] | max }}") == "[[1], [1]] 2"
+    assert ev("<% '7'.replace({'7' => '007'}) %>") == "007"
+    assert ev("<% 'abc ab abc'.replace({ab => yy, abc => xx}, 1) %>") == "yyc ab xx"
+    # yaql's lists are tuples
+    assert ev("<% str([1, 'a']) + str(null) + str(true) %>") == "(1, 'a')nulltrue"
+    assert ev("<% 'ac'.replace(regex('a(b)?'), '<\\\\1>') %>") == "<>c"
+    assert ev("<% 'abc'.replaceBy(regex('b'), $1.value + '!') %>") == "ab!c"
+    assert ev("<% ('a' * 1000).replace(regex('(a)'), '\\\\1\\\\1').len() %>") == 2000
+    assert ev("<% len(now().format('%Y-%m-%d')) %>") == 10
+    assert ev("<% json_dump([[1]]) %>") == "[\n    [\n        1\n    ]\n]"
+    assert ev("<% yaml_dump({a => [1]}) %>") == "a:\n- 1\n"
+
+
+def test_regex_substitutions_share_the_string_limit() -> None:
+    assert regex_functions.MAX_RESULT_LENGTH == expr_module.MAX_STRING_LENGTH
 
 
 # -- the work limit ----------------------------------------------------------------------

@@ -24,9 +24,12 @@ Rules:
   below. YAQL cannot touch Python objects (its lexer rejects ``__`` names and only
   registered functions are callable); Jinja runs in a sandbox that refuses internal
   attributes, refuses in-place mutation of the context and of host data, and bounds the
-  size of what ``*``, ``**``, ``+``, ``~``, ``%``, ``str.format``, ``range`` and the
-  amplifying filters may build. YAQL runs with ``limitIterators`` / ``memoryQuota`` and
-  checked big-number and string operators. Rendered text is capped (:data:`MAX_RENDERED_LENGTH`).
+  size of what ``*``, ``**``, ``+``, ``~``, ``%``, ``str.format``, ``range``, the
+  amplifying filters and ``str`` methods may build. YAQL runs with ``limitIterators`` /
+  ``memoryQuota`` and checked big-number and string functions. Whatever may build far
+  more than it is given is checked before it builds (widths, repeated format arguments,
+  joins, replacements, dump indentation, ``str()`` of a list sharing a list). Rendered
+  text is capped (:data:`MAX_RENDERED_LENGTH`).
   The work of one evaluate() call is metered (:class:`_Meter`, :data:`MAX_WORK_STEPS`):
   calls, loop items and the size of the values handled, counted rather than timed so
   that a replay evaluates the same way. Regular expressions are the one thing timed, as
@@ -122,6 +125,8 @@ ITEMS_PER_STEP: Final = 4  # a list (dict, set, range) handed over or built, per
 CHARS_PER_STEP: Final = 1024  # a string handed over or built, per this many characters
 URLIZE_CHAR_STEPS: Final = 3  # the urlize filter, per character of its text (see _check_urlize)
 URLIZE_RUN_SQUARES_PER_STEP: Final = 16  # and per this many (run of punctuation length)²
+WORDWRAP_CHARS_PER_STEP: Final = 2  # the wordwrap filter, per this many characters
+WORDWRAP_COPIED_CHARS_PER_STEP: Final = 16 * 1024  # and per this many copied (see _check_wordwrap)
 
 #: The CPU time all the regular expressions of one evaluate() call may take together
 #: (see :mod:`levante.lang.regex_functions`): the one limit that is timed, since
@@ -453,7 +458,9 @@ def _plain(value: Any) -> Any:
 
 
 def _json_dump(data: Any) -> str:
-    return json.dumps(_plain(data), indent=4)
+    plain = _plain(data)
+    _check_dump_size(plain, 4)
+    return json.dumps(plain, indent=4)
 
 
 def _json_parse(data: Any) -> Any:
@@ -468,7 +475,9 @@ class _YamlDumper(yaml.SafeDumper):
 
 
 def _yaml_dump(data: Any) -> str:
-    return yaml.dump(_plain(data), Dumper=_YamlDumper, default_flow_style=False)
+    plain = _plain(data)
+    _check_dump_size(plain, 2)
+    return yaml.dump(plain, Dumper=_YamlDumper, default_flow_style=False)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -597,6 +606,47 @@ def _check_string_size(length: int) -> None:
         raise _LimitExceeded(f"the string would be longer than {MAX_STRING_LENGTH} characters")
 
 
+def _check_text_length(value: Any) -> None:
+    """``str()`` of a container prints a value it holds twice twice: a list built by
+    doubling itself 40 times is 40 small lists in memory and 2**40 items in print. Walk
+    what ``str()`` would print, bounded, before printing it."""
+    if not isinstance(value, (Mapping, list, tuple, set, frozenset)):
+        return
+    stack: list[Any] = [value]
+    nodes = chars = 0
+    while stack:
+        item = stack.pop()
+        nodes += 1
+        if isinstance(item, str):
+            chars += len(item)
+        elif isinstance(item, Mapping):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(item)
+        if nodes > MAX_RESULT_NODES:
+            raise _LimitExceeded(f"the value would print more than {MAX_RESULT_NODES} values")
+        _check_string_size(chars)
+
+
+def _check_dump_size(value: Any, indent: int) -> None:
+    """A JSON or YAML dump indents each value by its depth: a deep value dumps to far
+    more text than it holds. Count the indentation and the strings before dumping."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    size = 0
+    while stack:
+        item, depth = stack.pop()
+        size += indent * depth + 8  # its line: indentation, punctuation, a short scalar
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, Mapping):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+        _check_string_size(size)
+
+
 # Checked versions of the yaql operators whose cost is not bounded by memoryQuota (it is
 # checked only after the value exists). Registered above the standard library, they
 # shadow its overloads with the same signature and leave the others alone.
@@ -625,6 +675,30 @@ def _yaql_replace(string: str, old: str, new: str, count: int = -1) -> str:
     return string.replace(old, new, count)
 
 
+def _yaql_replace_many(string: str, str_func: Any, replacements: Any, count: int = -1) -> str:
+    for key, value in replacements.items():
+        old, new = str_func(key), str_func(value)
+        _check_string_size(_replaced_length(string, old, new, None if count < 0 else count))
+        string = string.replace(old, new, count)
+    return string
+
+
+def _yaql_str(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    _check_text_length(value)
+    return str(value)
+
+
+#: The longest text one strftime directive (``%c``, ``%A``, ``%Z``...) gives.
+_STRFTIME_DIRECTIVE_LENGTH: Final = 64
+
+
+def _yaql_format_datetime(dt: datetime.datetime, format__: str) -> str:
+    _check_string_size(len(format__) + format__.count("%") * _STRFTIME_DIRECTIVE_LENGTH)
+    return dt.strftime(format__)
+
+
 def _declare(function: Callable[..., Any], name: str, method: bool, **types: Any) -> Any:
     """Attach a yaql signature to a function (what yaql's decorators do)."""
     declared: Any = function
@@ -643,6 +717,18 @@ def _checked_yaql_operators() -> list[Any]:
         _declare(_yaql_pow, "pow", False, a=number, b=number, c=nullable_number),
         _declare(_yaql_shift_bits_left, "shiftBitsLeft", False, value=int, bits_number=int),
         _declare(_yaql_replace, "replace", True, string=text, old=text, new=text),
+        yaql_specs.inject("str_func", yaqltypes.Delegate("str"))(
+            _declare(
+                _yaql_replace_many,
+                "replace",
+                True,
+                string=text,
+                replacements=yaql_utils.MappingType,
+                count=int,
+            )
+        ),
+        _declare(_yaql_str, "str", False, value=yaqltypes.PythonType(object, nullable=True)),
+        _declare(_yaql_format_datetime, "format", True, dt=yaqltypes.DateTime(), format__=text),
     ]
 
 
@@ -776,16 +862,69 @@ def _int_arguments(args: Any) -> Iterator[int]:
 
 
 def _check_printf(template: Any, args: Any) -> None:
-    """``'%9999999d' % x`` would allocate before any check: look at the widths first."""
+    """``'%9999999d' % x`` would allocate before any check: look at the widths first,
+    then at the whole: ``'%s%s%s' % (x, x, x)`` prints ``x`` three times."""
     if not isinstance(template, str):
         return
-    for match in _PRINTF_SPEC.finditer(template):
+    matches = list(_PRINTF_SPEC.finditer(template))
+    for match in matches:
         for width in match.groups():
             if width == "*":
                 if any(abs(v) > MAX_STRING_LENGTH for v in _int_arguments(args)):
                     raise _LimitExceeded("a format width is too large")
             elif width is not None and int(width) > MAX_STRING_LENGTH:
                 raise _LimitExceeded("a format width is too large")
+    if "%" in template:
+        _check_string_size(_printf_size(template, matches, args))
+
+
+def _printf_size(template: str, matches: list[re.Match[str]], args: Any) -> int:
+    """At most how long ``template % args`` is: its text, and for each conversion its
+    width, its precision and its printed argument (each argument printed once here, to
+    measure it)."""
+    if template.count("%") != sum(m.group().count("%") for m in matches):
+        if "%(" in template:  # a key with parentheses inside: re-reading it is not worth it
+            raise _LimitExceeded("a format key holding parentheses cannot be checked")
+        return 0  # not a valid format: Python refuses it before printing anything
+    values = list(args) if isinstance(args, tuple) else [args]
+    printed: dict[tuple[int, str], int] = {}
+
+    def length(value: Any, conversion: str) -> int:
+        if (id(value), conversion) not in printed:
+            printed[id(value), conversion] = _printed_length(value, conversion)
+        return printed[id(value), conversion]
+
+    size = len(template)
+    position = 0
+    for match in matches:
+        spec = match.group()
+        size += max((int(n) for n in _NUMBER.findall(spec[spec.rfind(")") + 1 :])), default=0)
+        conversion = spec[-1]
+        if conversion == "%":
+            continue
+        if spec.startswith("%(") and isinstance(args, Mapping):
+            key = spec[2 : spec.rfind(")")]
+            size += length(args[key], conversion) if key in args else 0
+            continue
+        position += spec.count("*")
+        size += length(values[position], conversion) if position < len(values) else 0
+        position += 1
+    return size
+
+
+def _printed_length(value: Any, conversion: str) -> int:
+    """At most how long ``%s`` (``%r``, ``%a``, ``%d``...) prints ``value``."""
+    if isinstance(value, str):
+        # repr() and ascii() escape a character in at most 10 (\U0001f600)
+        return len(value) if conversion not in "ra" else 10 * len(value) + 2
+    if isinstance(value, float):
+        return _FLOAT_TEXT  # %f prints a float whole: 1e308 has 309 digits
+    _check_text_length(value)
+    return len(ascii(value) if conversion == "a" else repr(value))
+
+
+#: The longest text ``%f`` gives for a float (1e308 has 309 digits).
+_FLOAT_TEXT: Final = 320
 
 
 def _check_format_string(template: str, args: Any, kwargs: Any) -> None:
@@ -805,6 +944,45 @@ def _check_format_string(template: str, args: Any, kwargs: Any) -> None:
                 raise _LimitExceeded("a format width is too large")
         elif any(int(n) > MAX_STRING_LENGTH for n in _NUMBER.findall(spec)):
             raise _LimitExceeded("a format width is too large")
+    _check_string_size(_format_size(parsed, args, kwargs))
+
+
+_FIELD_ROOT: Final = re.compile(r"[^.\[]*")
+
+
+def _format_size(parsed: list[tuple[str, Any, Any, Any]], args: Any, kwargs: Any) -> int:
+    """At most how long ``str.format`` prints: its text, and for each field its widths
+    and the printed value it names (``{0[key]}``, ``{0.name}``: the whole argument), so
+    that ``'{0}{0}{0}'.format(x)`` counts ``x`` three times (and prints it once here)."""
+    positional = list(args) if isinstance(args, (tuple, list)) else []
+    named = kwargs if isinstance(kwargs, Mapping) else {}
+    nested_widths = max((abs(v) for v in (*_int_arguments(args), *_int_arguments(named))),
+                        default=0)  # fmt: skip
+    printed: dict[tuple[int, str], int] = {}
+    size = auto = 0
+    for literal, field, spec, conversion in parsed:
+        size += len(literal)
+        if field is None:
+            continue
+        root = _FIELD_ROOT.match(field)
+        name = root.group() if root else ""
+        value: Any = None
+        if not name:
+            value = positional[auto] if auto < len(positional) else None
+            auto += 1
+        elif name.isdigit():
+            value = positional[int(name)] if int(name) < len(positional) else None
+        else:
+            value = named.get(name)
+        key = (id(value), conversion or "s")
+        if key not in printed:
+            printed[key] = _printed_length(value, conversion or "s")
+        size += printed[key]
+        if spec:
+            auto += spec.count("{}")
+            numbers = [int(n) for n in _NUMBER.findall(spec)]
+            size += max(numbers, default=0) + (nested_widths if "{" in spec else 0)
+    return size
 
 
 def _sequence_length(value: Any) -> int | None:
@@ -834,6 +1012,65 @@ def _check_built_size(sample: Any, size: int) -> None:
         _check_string_size(size)
     elif size > MAX_COLLECTION_LENGTH:
         raise _LimitExceeded(f"the list would be longer than {MAX_COLLECTION_LENGTH} items")
+
+
+def _check_width(text: str, width: Any = 0, *rest: Any) -> None:
+    if isinstance(width, int):
+        _check_string_size(width)
+
+
+def _check_expandtabs(text: str, tabsize: Any = 8) -> None:
+    if isinstance(tabsize, int) and tabsize > 0:
+        _check_string_size(len(text) + text.count("\t") * tabsize)
+
+
+def _check_str_join(text: str, items: Any = ()) -> None:
+    items = list(items)  # the caller hands the same list on
+    _check_string_size(len(text) * max(len(items) - 1, 0)
+                       + sum(len(i) for i in items if isinstance(i, str)))  # fmt: skip
+
+
+def _check_str_replace(text: str, old: Any = "", new: Any = "", count: Any = -1) -> None:
+    if isinstance(old, str) and isinstance(new, str) and isinstance(count, int):
+        _check_string_size(_replaced_length(text, old, new, None if count < 0 else count))
+
+
+def _check_translate(text: str, table: Any = None) -> None:
+    if isinstance(table, Mapping):
+        longest = max((len(v) for v in table.values() if isinstance(v, str)), default=1)
+        if len(text) * longest > MAX_STRING_LENGTH:  # count exactly only when it matters
+            counts = collections.Counter(text)
+            _check_string_size(sum(
+                n * (len(v) if isinstance(v := table.get(ord(c), c), str) else 1)
+                for c, n in counts.items()
+            ))  # fmt: skip
+
+
+def _check_case(text: str, *rest: Any) -> None:
+    if not text.isascii():  # "ß".upper() is "SS", "ΐ".upper() three characters
+        _check_string_size(3 * len(text))
+
+
+#: Methods of ``str`` whose result may be much longer than the string and arguments they
+#: get, checked before they run (``format`` and ``format_map``: see wrap_str_format).
+#: The result of any other method is checked after (``upper``, ``encode``... build at
+#: most a few times their input).
+_STR_METHOD_CHECKS: Final[dict[str, Callable[..., None]]] = {
+    "capitalize": _check_case,
+    "casefold": _check_case,
+    "center": _check_width,
+    "expandtabs": _check_expandtabs,
+    "join": _check_str_join,
+    "ljust": _check_width,
+    "lower": _check_case,
+    "replace": _check_str_replace,
+    "rjust": _check_width,
+    "swapcase": _check_case,
+    "title": _check_case,
+    "translate": _check_translate,
+    "upper": _check_case,
+    "zfill": _check_width,
+}
 
 
 def _mutation_target(function: Any, args: tuple[Any, ...]) -> tuple[Any, str] | None:
@@ -902,15 +1139,27 @@ class _Sandbox(SandboxedEnvironment):
             state = __context.get(_JINJA_STATE_KEY)
             if not isinstance(state, _JinjaState) or state._protects(target[0]):
                 raise SecurityError(f"{target[1]}() would modify data the expression does not own")
+        receiver, name = target if target is not None else (None, "")
+        string_method = isinstance(receiver, str)
+        if string_method and name in _STR_METHOD_CHECKS:
+            unbound = isinstance(__obj, types.MethodDescriptorType)  # str.ljust(s, n)
+            head, method_args = args[: int(unbound)], args[int(unbound) :]
+            if name == "join" and method_args:  # an iterator is read once: hand on a list
+                method_args = (list(method_args[0]), *method_args[1:])
+                args = (*head, *method_args)
+            _STR_METHOD_CHECKS[name](receiver, *method_args, *kwargs.values())
         meter = _METER.get()
         if meter is None:
-            return super().call(__context, __obj, *args, **kwargs)
-        meter.take(JINJA_CALL_STEPS)
-        meter.take_size(getattr(__obj, "__self__", None))  # a method scans its object
-        for argument in (*args, *kwargs.values()):
-            meter.take_size(argument)
-        result = super().call(__context, __obj, *args, **kwargs)
-        meter.take_size(result)
+            result = super().call(__context, __obj, *args, **kwargs)
+        else:
+            meter.take(JINJA_CALL_STEPS)
+            meter.take_size(getattr(__obj, "__self__", None))  # a method scans its object
+            for argument in (*args, *kwargs.values()):
+                meter.take_size(argument)
+            result = super().call(__context, __obj, *args, **kwargs)
+            meter.take_size(result)
+        if string_method and isinstance(result, (str, bytes)):
+            _check_string_size(len(result))
         return result
 
     def levante_scanned(self, container: Any) -> Any:
@@ -937,11 +1186,15 @@ class _Sandbox(SandboxedEnvironment):
                 _check_format_string(template, (), args[0])
             else:
                 _check_format_string(template, args, kwargs)
-            return wrapped(*args, **kwargs)
+            result = wrapped(*args, **kwargs)
+            _check_string_size(len(result))  # Markup's format escapes what it prints
+            return result
 
         return checked
 
     def levante_concat(self, parts: tuple[Any, ...]) -> str:
+        for part in parts:
+            _check_text_length(part)
         texts = [str(part) for part in parts]
         size = sum(len(t) for t in texts)
         _check_string_size(size)
@@ -1082,6 +1335,13 @@ def _check_wordwrap(b: inspect.BoundArguments) -> None:
     wrap = b.arguments.get("wrapstring") or "\n"
     lines = len(text) // (width if isinstance(width, int) and width > 0 else 1)
     _check_string_size(len(text) + (lines + text.count("\n") + 1) * len(str(wrap)))
+    meter = _METER.get()
+    if meter is not None and isinstance(width, int) and width > 0:
+        # textwrap is a Python loop over the words, and cuts a word longer than a line
+        # one line at a time, copying the rest of the word each time: words² / width.
+        meter.take(len(text) // WORDWRAP_CHARS_PER_STEP)
+        copied = sum(len(w) ** 2 for w in text.split() if len(w) > width) // (2 * width)
+        meter.take(copied // WORDWRAP_COPIED_CHARS_PER_STEP)
 
 
 def _check_count_argument(name: str) -> Callable[[inspect.BoundArguments], None]:
@@ -1097,7 +1357,10 @@ def _check_join(b: inspect.BoundArguments) -> None:
     items = list(b.arguments.get("value", ()))
     b.arguments["value"] = items
     separator = b.arguments.get("d", "")
-    _check_string_size(len(str(separator)) * max(len(items) - 1, 0))
+    size = len(str(separator)) * max(len(items) - 1, 0)
+    if b.arguments.get("attribute") is None:  # ['x' * 10**6] * 1000: one string, many times
+        size += sum(len(i) if isinstance(i, str) else _printed_length(i, "s") for i in items)
+    _check_string_size(size)
 
 
 def _check_sum(b: inspect.BoundArguments) -> None:
@@ -1107,6 +1370,12 @@ def _check_sum(b: inspect.BoundArguments) -> None:
         b.arguments["iterable"] = items
         total = len(start) + sum(len(i) for i in items if isinstance(i, (list, tuple, str)))
         _check_built_size(start, total)
+
+
+def _check_case_filter(b: inspect.BoundArguments) -> None:
+    value = next(iter(b.arguments.values()), "")
+    if isinstance(value, str):
+        _check_case(value)
 
 
 # urlize finds links with regular expressions. One of them, re.search(r"([)>.,\n]|&gt;)+$")
@@ -1128,41 +1397,82 @@ def _check_urlize(b: inspect.BoundArguments) -> None:
 
 _FILTER_CHECKS: Final[dict[str, Callable[[inspect.BoundArguments], None]]] = {
     "batch": _check_count_argument("linecount"),
+    "capitalize": _check_case_filter,
     "center": _check_center,
     "format": _check_format_filter,
     "indent": _check_indent,
     "join": _check_join,
+    "lower": _check_case_filter,
     "replace": _check_replace,
     "slice": _check_count_argument("slices"),
     "sum": _check_sum,
+    "title": _check_case_filter,
+    "upper": _check_case_filter,
     "urlize": _check_urlize,
     "wordwrap": _check_wordwrap,
 }
 
 _FUNCTION_NAMES: Final = tuple(_YAQL_FUNCTIONS)
 
+#: Filters that go through their value one item at a time in Python: a string, one
+#: character at a time (so it is metered per character, not per CHARS_PER_STEP).
+_ITEM_BY_ITEM_FILTERS: Final = frozenset({
+    "batch", "groupby", "join", "map", "max", "min", "reject", "rejectattr", "select",
+    "selectattr", "slice", "sort", "sum", "unique",
+})  # fmt: skip
+#: Filters that print their value (``str()``, JSON, ...): a container is walked first.
+_PRINTING_FILTERS: Final = frozenset({
+    "capitalize", "center", "e", "escape", "forceescape", "indent", "lower", "pprint",
+    "replace", "safe", "string", "striptags", "title", "tojson", "trim", "truncate",
+    "upper", "urlencode", "urlize", "wordcount", "wordwrap", "xmlattr",
+})  # fmt: skip
 
-def _metered(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a filter or test so that calling it, its arguments and its result are metered."""
+
+def _metered(
+    original: Callable[..., Any], built_in: bool = True, name: str = ""
+) -> Callable[..., Any]:
+    """Wrap a filter or test so that calling it, its arguments and its result are metered.
+
+    A built-in filter may not return a string longer than :data:`MAX_STRING_LENGTH`: those
+    not checked beforehand (``escape``, ``tojson``, ``urlencode``, ``upper``...) build at
+    most a few times their input, and the check stops them from compounding.
+    """
     passes_object = getattr(original, "jinja_pass_arg", None) is not None
+    item_by_item, prints = name in _ITEM_BY_ITEM_FILTERS, name in _PRINTING_FILTERS
 
     @functools.wraps(original)
     def metered(*args: Any, **kwargs: Any) -> Any:
         meter = _METER.get()
+        arguments = (*args[1 if passes_object else 0 :], *kwargs.values())
+        value = arguments[0] if arguments else None
+        if prints:
+            _check_text_length(value)
         if meter is None:
-            return original(*args, **kwargs)
-        meter.take(JINJA_CALL_STEPS)
-        for argument in (*args[1 if passes_object else 0 :], *kwargs.values()):
-            meter.take(_items_steps(argument))
-        result = original(*args, **kwargs)
-        meter.take_size(result)
+            result = original(*args, **kwargs)
+        else:
+            meter.take(JINJA_CALL_STEPS)
+            if item_by_item and isinstance(value, str):
+                meter.take(len(value) * ITEM_STEPS)
+            for argument in arguments:
+                meter.take(_items_steps(argument))
+            result = original(*args, **kwargs)
+            meter.take_size(result)
+        if built_in and isinstance(result, str):
+            _check_string_size(len(result))
         return result
 
     return metered
 
 
+def _printed(value: Any) -> Any:
+    """What a template prints is ``str()`` of it: walked first (see _check_text_length)."""
+    _check_text_length(value)
+    return value
+
+
 def _build_jinja() -> _Sandbox:
-    env = _Sandbox(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env = _Sandbox(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                   finalize=_printed)  # fmt: skip
     env.globals["range"] = _jinja_range
     env.globals["lipsum"] = _jinja_lipsum
     for name, check in _FILTER_CHECKS.items():
@@ -1170,7 +1480,7 @@ def _build_jinja() -> _Sandbox:
     for name in _FUNCTION_NAMES:
         env.filters[name] = _make_function_filter(name)
     for name, original in list(env.filters.items()):
-        env.filters[name] = _metered(original)
+        env.filters[name] = _metered(original, name not in _FUNCTION_NAMES, name)
     for name, test in list(env.tests.items()):
         env.tests[name] = _metered(test)  # type: ignore[arg-type]  # typeshed: "function"
     return env

@@ -23,7 +23,10 @@ Rules:
 * Size. ``regex`` compiles ``x{1000}`` into a thousand copies of ``x`` (``re`` does not),
   so a short pattern could take gigabytes: a pattern may have at most
   :data:`REGEX_MAX_SIZE` characters, and may compile to at most as many parts, each
-  repeated part counted as many times as its minimum repeat count.
+  repeated part counted as many times as its minimum repeat count. A substitution may
+  build at most :data:`MAX_RESULT_LENGTH` characters: an empty pattern matches between
+  every two characters and ``\\1`` repeats a group, so what it builds is counted as it
+  goes when it could pass that.
 * ``re``'s meaning. ``regex`` reads some patterns differently (``{id}`` is an error to
   it, ``a{e<=1}`` fuzzy matching, ``[[:alpha:]]`` a POSIX class; all plain characters to
   ``re``). So a pattern is parsed by ``re`` (what ``re`` refuses is refused with
@@ -54,6 +57,7 @@ from yaql.language import specs as yaql_specs
 from yaql.language import yaqltypes
 
 __all__ = [
+    "MAX_RESULT_LENGTH",
     "PATTERN_TYPE",
     "REGEX_MAX_SIZE",
     "RegexLimitError",
@@ -63,6 +67,9 @@ __all__ = [
 
 #: The most characters a pattern may have, and the most parts it may compile to.
 REGEX_MAX_SIZE: Final = 10_000
+#: The longest string a substitution (``replace``, ``replaceBy``) may build: the
+#: expressions' ``MAX_STRING_LENGTH``.
+MAX_RESULT_LENGTH: Final = 16 * 1024 * 1024
 #: Patterns at most this size stay compiled (an LRU cache of this many entries).
 CACHED_PATTERN_SIZE: Final = 1_000
 CACHED_PATTERNS: Final = 256
@@ -456,9 +463,38 @@ def _split_string(string: str, regexp: regex.Pattern[str], max_split: int = 0) -
     return _split(regexp, string, max_split)
 
 
+class _Replaced:
+    """Counts what a substitution builds, as it goes: an empty pattern matches between
+    every two characters, and ``\\1\\1\\1`` prints a group three times, so the result
+    may be far longer than the string and the replacement together."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, string: str) -> None:
+        self.left = MAX_RESULT_LENGTH - len(string)  # the text between matches
+
+    def add(self, piece: Any) -> Any:
+        if isinstance(piece, str):
+            self.left -= len(piece)
+            if self.left < 0:
+                raise RegexLimitError(
+                    f"the replaced string would be longer than {MAX_RESULT_LENGTH} characters"
+                )
+        return piece
+
+
 def _replace(regexp: regex.Pattern[str], string: str, repl: str, count: int = 0) -> str:
     _check_template(repl, regexp)
-    return _timed(lambda timeout: regexp.sub(repl, string, count, timeout=timeout))
+    # Each match prints at most the template and, per reference, a group of the string.
+    per_match = len(repl) + repl.count("\\") * len(string)
+    if len(string) + (len(string) + 1) * per_match <= MAX_RESULT_LENGTH:
+        return _timed(lambda timeout: regexp.sub(repl, string, count, timeout=timeout))
+    replaced = _Replaced(string)
+
+    def replacement(found: regex.Match[str]) -> Any:
+        return replaced.add(found.expand(repl))
+
+    return _timed(lambda timeout: regexp.sub(replacement, string, count, timeout=timeout))
 
 
 def _replace_string(string: str, regexp: regex.Pattern[str], repl: str, count: int = 0) -> str:
@@ -468,10 +504,12 @@ def _replace_string(string: str, regexp: regex.Pattern[str], repl: str, count: i
 def _replace_by(
     context: Any, regexp: regex.Pattern[str], string: str, repl: Any, count: int = 0
 ) -> str:
+    replaced = _Replaced(string)
+
     def replacement(found: regex.Match[str]) -> Any:
         child = context.create_child_context()
         _publish_match(child, found)
-        return repl(child)
+        return replaced.add(repl(child))
 
     return _timed(lambda timeout: regexp.sub(replacement, string, count, timeout=timeout))
 
