@@ -221,6 +221,11 @@ wf:
     assert d.state() == ExecutionState.SUCCESS
     assert d.execution is not None and d.execution.output == {"x": 1, "y": 2}
     assert d.queued() == []
+    # Each recorded one std.noop action execution, done at once (as Mistral runs one).
+    done = sorted((a.task_name, a.action, a.state.value, a.outcome) for a in d.assignments.values())
+    assert done == [(name, "std.noop", "DONE", Outcome.success(None))
+                    for name in ("one", "three", "two")]  # fmt: skip
+    assert all(t.assignment_id and t.attempt == 1 for t in d.tasks.values())
 
 
 def test_fail_and_succeed_commands() -> None:

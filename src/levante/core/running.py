@@ -320,10 +320,21 @@ def make_assignment(
     task_spec = step.spec.task(task.name)
     data = {**task.in_context, **item_context}
     if task_spec.runs_noop:
-        step.put_task(step.current(task), action=NOOP_ACTION)
         if item is None:
+            # Run inline, and recorded as an action execution done at once (Mistral runs
+            # std.noop for such a task), so that the task's history reads the same.
+            done = AssignmentRecord(
+                id=assignment_id(task, None, attempt), task_id=task.id,
+                execution_id=task.execution_id, task_name=task.name, action=NOOP_ACTION,
+                input={}, attempt=attempt, state=AssignmentState.DONE, created_at=step.now,
+                outcome=Outcome.success(None),
+            )  # fmt: skip
+            step.put_assignment(done)
+            step.put_task(step.current(task), action=NOOP_ACTION, attempt=attempt,
+                          assignment_id=done.id)  # fmt: skip
             step.followups.append(TaskFinished(task.id, Outcome.success(None), step.now))
             return None
+        step.put_task(step.current(task), action=NOOP_ACTION)
     target = None if task_spec.target is None else step.evaluate(task_spec.target, data, task)
     action_input = _action_input(step, task, task_spec, data)
     if task_spec.workflow is not None:
