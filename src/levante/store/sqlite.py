@@ -604,12 +604,14 @@ class SqliteStore:
     async def transaction(self) -> AsyncIterator[SqliteTransaction]:
         """One member of a group commit.
 
-        Callers take turns on the writer connection. Each runs inside a SAVEPOINT of a
-        shared BEGIN IMMEDIATE ... COMMIT: when others are already waiting their turn, the
+        Callers take turns on the writer connection. Each runs inside a shared BEGIN
+        IMMEDIATE ... COMMIT (in a SAVEPOINT, after the first): when others are already
+        waiting their turn, the
         group stays open for them and commits once nobody waits (or it is full), so
         completions that arrive together share one commit. A member returns only after
         the commit that holds its writes; a member that raises rolls back to its
-        savepoint and leaves the others' writes in place.
+        savepoint and leaves the others' writes in place (the first, alone so far, rolls
+        back the transaction).
         """
         self._entrants += 1
         try:
@@ -621,18 +623,28 @@ class SqliteStore:
         committed: asyncio.Future[None] | None = None
         try:
             db = self._w
-            if self._group is None:
+            # The group's first member needs no savepoint: when it fails, it is alone in
+            # the transaction, which is rolled back whole (two statements fewer for a
+            # lone transaction, a chain's step).
+            first = self._group is None
+            if first:
                 await _with_lock_retries(lambda: db.execute("BEGIN IMMEDIATE"))
                 self._group = _Group(asyncio.get_running_loop().create_future())
             group = self._group
+            assert group is not None
             group.members += 1
-            db.execute("SAVEPOINT member")
+            if not first:
+                db.execute("SAVEPOINT member")
             try:
                 yield SqliteTransaction(db)
             except BaseException:
-                self._undo_member(db, group)
+                if first:
+                    self._undo_group(db, group)
+                else:
+                    self._undo_member(db, group)
                 raise
-            db.execute("RELEASE member")
+            if not first:
+                db.execute("RELEASE member")
             committed = group.committed
         finally:
             if self._group is not None:
@@ -650,6 +662,15 @@ class SqliteStore:
                         loop.call_soon(self._scheduled_flush)
             self._write_lock.release()
         await committed  # raises StoreError when the group's commit failed
+
+    def _undo_group(self, db: sqlite3.Connection, group: _Group) -> None:
+        """Roll back a group whose only member failed."""
+        self._group = None
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        finally:
+            group.fail(StoreError("the transaction was rolled back"))
 
     def _undo_member(self, db: sqlite3.Connection, group: _Group) -> None:
         try:
