@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from levante.bench import workflows
 from levante.core.model import AssignmentState, Outcome
 from levante.engine import Engine
 from levante.errors import AlreadyCompletedError, InvalidInputError, NotFoundError
@@ -156,3 +159,30 @@ async def test_a_completion_reads_the_same_rows_however_long_the_workflow(
     assert execution.state.value == "SUCCESS"
     # Run reads nothing; each completion reads its own task twice at most.
     assert max(counting.rows_read) <= 2
+
+
+async def test_a_large_document_is_parsed_while_the_event_loop_goes_on() -> None:
+    """Parsing a 5,000-task document takes seconds; the loop keeps serving meanwhile."""
+    engine = Engine(MemoryStore())
+    text = workflows.chain("big", 5000)
+    gaps: list[float] = []
+    registering = True
+
+    async def tick() -> None:
+        last = time.monotonic()
+        while registering:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    began = time.monotonic()
+    assert await engine.register(text) == ["big"]
+    took = time.monotonic() - began
+    registering = False
+    await ticker
+    # Inline, the loop would stand still for the whole parse (1-3 s here).
+    assert len(gaps) > 10 and max(gaps) < max(0.5, took / 3), (took, max(gaps))
+    execution_id = await engine.run("big")  # and the parsed document is used
+    assert (await engine.get_status(execution_id))[0].state.value == "RUNNING"

@@ -12,6 +12,7 @@ immutable and derived from the store.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import threading
@@ -20,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from levante.core.decide import bind_input, check_params, decide
 from levante.core.model import (
@@ -161,6 +162,28 @@ def _derive(spec: WorkflowSpec) -> tuple[frozenset[str], dict[str, tuple[str, ..
     return frozenset(referenced & set(spec.tasks)), waiting
 
 
+#: Documents longer than this (characters) are parsed on a worker thread, and
+#: workflows with more tasks than INLINE_INDEX_TASKS indexed there: parsing a
+#: 10,000-task document takes seconds, and the event loop must go on serving meanwhile.
+INLINE_PARSE_CHARS = 32 * 1024
+INLINE_INDEX_TASKS = 500
+
+T = TypeVar("T")
+
+
+async def _off_the_loop(large: bool, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)``: on a worker thread when the input is ``large``, else inline (a
+    thread hop costs more than a small document's work)."""
+    if not large:
+        return work(*args)
+    return await asyncio.to_thread(work, *args)
+
+
+def _checked_document(text: str, limits: Limits) -> Document:
+    check_definition(text, limits)
+    return parse_document_cached(text)
+
+
 @dataclass
 class _Effects:
     """What to tell the world once the transaction has committed."""
@@ -218,8 +241,8 @@ class Engine:
 
     async def register(self, text: str) -> list[str]:
         """Parse, validate and store a document; returns the workflow names it defines."""
-        check_definition(text, self.limits)
-        document = parse_document_cached(text)
+        large = len(text) > INLINE_PARSE_CHARS
+        document = await _off_the_loop(large, _checked_document, text, self.limits)
         for workflow in document.workflows.values():
             check_task_count(workflow.name, len(workflow.tasks), self.limits, workflow.line)
         names = list(document.workflows)
@@ -237,12 +260,14 @@ class Engine:
             stored = await self.store.get_definition(definition_id)
             if stored is None:
                 raise NotFoundError(f"workflow definition {definition_id} not found")
-            document = parse_document_cached(stored.text)
+            large = len(stored.text) > INLINE_PARSE_CHARS
+            document = await _off_the_loop(large, parse_document_cached, stored.text)
             self._documents[definition_id] = document
         spec = document.workflows.get(name)
         if spec is None:
             raise NotFoundError(f"workflow '{name}' not found in definition {definition_id}")
-        index = _index(definition_id, spec)
+        large = len(spec.tasks) > INLINE_INDEX_TASKS
+        index = await _off_the_loop(large, _index, definition_id, spec)
         spec = dataclasses.replace(spec, max_with_items=self.limits.with_items)
         index = self._indexes[key] = dataclasses.replace(index, spec=spec)
         return index
