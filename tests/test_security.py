@@ -3,6 +3,7 @@ real `levante serve`, `levante worker` and CLI processes on 127.0.0.1."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -74,14 +75,14 @@ async def code_of(call: Any) -> grpc.StatusCode:
 
 
 async def stream_code(stub: pb_grpc.WorkersStub, metadata: Any) -> tuple[grpc.StatusCode, str]:
-    hello = pb.WorkerMessage(hello=pb.Hello(worker_id="w-auth", actions=["x.y"], capacity=1))
-    call = stub.Subscribe(iter([hello]), metadata=metadata)
-    try:
-        async for _ in call:
-            pass
-    except grpc.aio.AioRpcError as e:
-        return e.code(), e.details() or ""
-    return grpc.StatusCode.OK, ""
+    """The status of a Subscribe refused on its metadata alone.
+
+    No message is sent: a hello racing the refusal can end the call on the client's side
+    with INTERNAL ("Failed execute_batch") instead of the server's code.
+    """
+    call = stub.Subscribe(metadata=metadata)
+    code = await asyncio.wait_for(call.code(), 30)
+    return code, await call.details() or ""
 
 
 @pytest.fixture
@@ -207,9 +208,10 @@ async def test_roles_decide_what_a_token_may_call(channel: grpc.aio.Channel) -> 
             return [s.name for s in response.list_services_response.service]
         return []
 
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await services(None)
-    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # Refused before any message: send none (a request racing the refusal can end the
+    # call client-side with INTERNAL "Failed execute_batch" instead of the server's code).
+    refused = reflect.ServerReflectionInfo(metadata=None)
+    assert await refused.code() == grpc.StatusCode.UNAUTHENTICATED
     assert "levante.v1.Engine" in await services(bearer("worker"))
 
 
