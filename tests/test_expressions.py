@@ -21,12 +21,14 @@ from levante.errors import ExpressionError, NotFoundError, StoreError
 from levante.lang import expressions as expr_module
 from levante.lang import regex_functions
 from levante.lang.expressions import (
+    HAS_EXPRESSION,
     MAX_RENDERED_LENGTH,
     NULL_HOST,
     NullHost,
     check_syntax,
     evaluate,
     is_expression,
+    literal,
     referenced_task_names,
 )
 
@@ -942,3 +944,13 @@ def test_parsed_expressions_are_cached() -> None:
     hits = expr_module._jinja_template.cache_info().hits
     assert ev(template) == "a 1 b"
     assert expr_module._jinja_template.cache_info().hits > hits
+
+
+def test_literal_is_what_evaluate_gives_a_value_without_expressions() -> None:
+    for value in ["std.noop", {"a": [1, (2, "x")], "b": None}, [], {}, 3, None, "50%"]:
+        assert literal(value) == evaluate(value, {"unused": True})
+    nested = {"k": ["plain", "<% $.x %>"]}
+    assert literal(nested) is HAS_EXPRESSION and literal("{{ 1 }}") is HAS_EXPRESSION
+    source = {"a": {"b": 1}}
+    copy = literal(source)
+    assert copy == source and copy is not source and copy["a"] is not source["a"]

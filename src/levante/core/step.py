@@ -135,34 +135,6 @@ def task_view(task: TaskRecord, spec: WorkflowSpec | None = None) -> dict[str, A
     return view
 
 
-_HAS_EXPRESSION: Final = object()
-
-
-def _constant(value: Any) -> Any:
-    """``value`` as ``expressions.evaluate`` returns it when it holds no expression (a
-    copy: mappings become dicts, tuples lists), or _HAS_EXPRESSION. Most values a
-    decision evaluates (action names, inputs, params) hold none."""
-    if isinstance(value, str):
-        return _HAS_EXPRESSION if expressions.is_expression(value) else value
-    if isinstance(value, Mapping):
-        copy: dict[Any, Any] = {}
-        for key, item in value.items():
-            item = _constant(item)
-            if item is _HAS_EXPRESSION:
-                return _HAS_EXPRESSION
-            copy[key] = item
-        return copy
-    if isinstance(value, list | tuple):
-        items = []
-        for item in value:
-            item = _constant(item)
-            if item is _HAS_EXPRESSION:
-                return _HAS_EXPRESSION
-            items.append(item)
-        return items
-    return value
-
-
 class Step:
     """Mutable scratch space for one decision; the result is frozen in decision()."""
 
@@ -274,9 +246,9 @@ class Step:
         return expressions.evaluate(value, context, _Host(self, None))
 
     def evaluate(self, value: Any, data: Mapping[str, Any], current: TaskRecord | None) -> Any:
-        constant = _constant(value)
-        if constant is not _HAS_EXPRESSION:
-            return constant  # what evaluate() returns for it, without building a context
+        literal = expressions.literal(value)
+        if literal is not expressions.HAS_EXPRESSION:
+            return literal  # what evaluate() returns for it, without building a context
         return expressions.evaluate(
             value, self.expression_context(data, current), _Host(self, current)
         )

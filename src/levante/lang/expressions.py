@@ -77,8 +77,10 @@ from yaql.language import yaqltypes
 
 from levante.errors import ExpressionError, LevanteError
 from levante.lang import regex_functions
+from levante.lang.yaql_signatures import declare
 
 __all__ = [
+    "HAS_EXPRESSION",
     "MAX_RENDERED_LENGTH",
     "MAX_WORK_STEPS",
     "NULL_HOST",
@@ -88,6 +90,7 @@ __all__ = [
     "check_syntax",
     "evaluate",
     "is_expression",
+    "literal",
     "referenced_task_names",
 ]
 
@@ -699,26 +702,16 @@ def _yaql_format_datetime(dt: datetime.datetime, format__: str) -> str:
     return dt.strftime(format__)
 
 
-def _declare(function: Callable[..., Any], name: str, method: bool, **types: Any) -> Any:
-    """Attach a yaql signature to a function (what yaql's decorators do)."""
-    declared: Any = function
-    for parameter, value_type in types.items():
-        declared = yaql_specs.parameter(parameter, value_type)(declared)
-    if method:
-        declared = yaql_specs.method(declared)
-    return yaql_specs.name(name)(declared)
-
-
 def _checked_yaql_operators() -> list[Any]:
     number, nullable_number = yaqltypes.Number(), yaqltypes.Number(nullable=True)
     text = yaqltypes.String()
     return [
-        _declare(_yaql_multiply, "#operator_*", False, left=number, right=number),
-        _declare(_yaql_pow, "pow", False, a=number, b=number, c=nullable_number),
-        _declare(_yaql_shift_bits_left, "shiftBitsLeft", False, value=int, bits_number=int),
-        _declare(_yaql_replace, "replace", True, string=text, old=text, new=text),
+        declare(_yaql_multiply, "#operator_*", False, left=number, right=number),
+        declare(_yaql_pow, "pow", False, a=number, b=number, c=nullable_number),
+        declare(_yaql_shift_bits_left, "shiftBitsLeft", False, value=int, bits_number=int),
+        declare(_yaql_replace, "replace", True, string=text, old=text, new=text),
         yaql_specs.inject("str_func", yaqltypes.Delegate("str"))(
-            _declare(
+            declare(
                 _yaql_replace_many,
                 "replace",
                 True,
@@ -727,8 +720,8 @@ def _checked_yaql_operators() -> list[Any]:
                 count=int,
             )
         ),
-        _declare(_yaql_str, "str", False, value=yaqltypes.PythonType(object, nullable=True)),
-        _declare(_yaql_format_datetime, "format", True, dt=yaqltypes.DateTime(), format__=text),
+        declare(_yaql_str, "str", False, value=yaqltypes.PythonType(object, nullable=True)),
+        declare(_yaql_format_datetime, "format", True, dt=yaqltypes.DateTime(), format__=text),
     ]
 
 
@@ -1671,6 +1664,35 @@ class _Evaluation:
         if isinstance(value, (list, tuple)):
             return [self.value(v) for v in value]
         return value
+
+
+#: What :func:`literal` returns for a value that holds an expression.
+HAS_EXPRESSION: Final = object()
+
+
+def literal(value: Any) -> Any:
+    """What :func:`evaluate` returns for ``value`` when it holds no expression (a new
+    copy: mappings become dicts, tuples lists), without a context; else HAS_EXPRESSION.
+    Most values a decision evaluates (action names, inputs, params) hold none."""
+    if isinstance(value, str):
+        return HAS_EXPRESSION if is_expression(value) else value
+    if isinstance(value, Mapping):
+        copy: dict[Any, Any] = {}
+        for key, item in value.items():
+            item = literal(item)
+            if item is HAS_EXPRESSION:
+                return HAS_EXPRESSION
+            copy[key] = item
+        return copy
+    if isinstance(value, list | tuple):
+        items = []
+        for item in value:
+            item = literal(item)
+            if item is HAS_EXPRESSION:
+                return HAS_EXPRESSION
+            items.append(item)
+        return items
+    return value
 
 
 def evaluate(value: Any, context: Any, host: ExpressionHost = NULL_HOST) -> Any:

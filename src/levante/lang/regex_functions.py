@@ -53,8 +53,9 @@ from re import _parser as re_parser  # type: ignore[attr-defined]  # re's own pa
 from typing import Any, Final, NamedTuple, TypeVar
 
 import regex
-from yaql.language import specs as yaql_specs
 from yaql.language import yaqltypes
+
+from levante.lang.yaql_signatures import declare
 
 __all__ = [
     "MAX_RESULT_LENGTH",
@@ -531,48 +532,36 @@ def _is_regex(value: Any) -> bool:
 # -- registration --------------------------------------------------------------------------
 
 
-def _yaql_function(
-    function: Callable[..., Any], name: str, method: bool = False, **parameter_types: Any
-) -> Any:
-    """Attach a yaql signature to a function (what yaql's decorators do)."""
-    declared: Any = function
-    for parameter, value_type in parameter_types.items():
-        declared = yaql_specs.parameter(parameter, value_type)(declared)
-    if method:
-        declared = yaql_specs.method(declared)
-    return yaql_specs.name(name)(declared)
-
-
 @functools.cache  # yaql's declarations stay on the functions: declare them once
 def _functions() -> tuple[Any, ...]:
     text, pattern = yaqltypes.String(), PATTERN_TYPE
     selector = yaqltypes.Lambda(with_context=True)
     return (
-        _yaql_function(_regex, "regex", pattern=text),
-        _yaql_function(_matches, "matches", True, regexp=pattern, string=text),
-        _yaql_function(_matches_string, "matches", True, string=text, regexp=text),
-        _yaql_function(_matches_operator_string, "#operator_=~", string=text, pattern=text),
-        _yaql_function(_matches_operator_regex, "#operator_=~", string=text, regexp=pattern),
-        _yaql_function(_not_matches_operator_string, "#operator_!~", string=text, pattern=text),
-        _yaql_function(_not_matches_operator_regex, "#operator_!~", string=text, regexp=pattern),
-        _yaql_function(
+        declare(_regex, "regex", pattern=text),
+        declare(_matches, "matches", True, regexp=pattern, string=text),
+        declare(_matches_string, "matches", True, string=text, regexp=text),
+        declare(_matches_operator_string, "#operator_=~", string=text, pattern=text),
+        declare(_matches_operator_regex, "#operator_=~", string=text, regexp=pattern),
+        declare(_not_matches_operator_string, "#operator_!~", string=text, pattern=text),
+        declare(_not_matches_operator_regex, "#operator_!~", string=text, regexp=pattern),
+        declare(
             _search_method, "search", True, regexp=pattern, string=text, selector=selector
         ),
-        _yaql_function(
+        declare(
             _search_all, "searchAll", True, regexp=pattern, string=text, selector=selector
         ),
-        _yaql_function(_split, "split", True, regexp=pattern, string=text, max_split=int),
-        _yaql_function(_split_string, "split", True, regexp=pattern, string=text, max_split=int),
-        _yaql_function(
+        declare(_split, "split", True, regexp=pattern, string=text, max_split=int),
+        declare(_split_string, "split", True, regexp=pattern, string=text, max_split=int),
+        declare(
             _replace, "replace", True, regexp=pattern, string=text, repl=text, count=int
         ),
-        _yaql_function(
+        declare(
             _replace_by, "replaceBy", True, regexp=pattern, string=text, repl=selector, count=int
         ),
-        _yaql_function(
+        declare(
             _replace_string, "replace", True, regexp=pattern, string=text, repl=text, count=int
         ),
-        _yaql_function(
+        declare(
             _replace_by_string,
             "replaceBy",
             True,
@@ -581,8 +570,8 @@ def _functions() -> tuple[Any, ...]:
             repl=selector,
             count=int,
         ),
-        _yaql_function(_escape_regex, "escapeRegex", string=text),
-        _yaql_function(_is_regex, "isRegex"),
+        declare(_escape_regex, "escapeRegex", string=text),
+        declare(_is_regex, "isRegex"),
     )
 
 
