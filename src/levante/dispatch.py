@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 from levante.core.model import AssignmentRecord, AssignmentState, Outcome
-from levante.engine import Engine
+from levante.engine import Completion, Engine
 from levante.errors import ConflictError, InvalidArgumentError, NotFoundError
 from levante.ids import AssignmentId
 from levante.observability import metrics
@@ -33,6 +33,8 @@ from levante.store.base import Store, StoreTransaction
 log = logging.getLogger("levante.dispatch")
 
 DEFAULT_LEASE_SECONDS = 60.0
+# The most results of one worker recorded in one transaction.
+MAX_RESULTS_PER_TRANSACTION = 64
 # At shutdown, how long to wait for ended streams to hand back their unsent assignments.
 DETACH_WAIT_SECONDS = 5.0
 
@@ -52,6 +54,9 @@ class WorkerSession:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Slots promised to claims running inside result transactions (see Dispatcher.result).
     reserved: int = 0
+    # Results waiting for the recorder (Dispatcher.result), and the recorder, if running.
+    results: list[tuple[Completion, asyncio.Future[None]]] = field(default_factory=list)
+    recorder: asyncio.Task[None] | None = None
 
 
 class Dispatcher:
@@ -291,15 +296,43 @@ class Dispatcher:
     async def result(
         self, session: WorkerSession, assignment_id: AssignmentId, outcome: Outcome
     ) -> None:
+        """Record a result the worker reported; raises what the engine refused it with.
+
+        Results of one worker are recorded by one recorder at a time: those that arrive
+        while a transaction is open wait for it, and the next transaction takes them all
+        (up to MAX_RESULTS_PER_TRANSACTION), so a busy worker's results share commits and
+        statements while a lone result is recorded at once.
+        """
         self.heard_from(session)
-        # The worker's next work is claimed in the transaction that records this
-        # result (one commit instead of two); the slots are reserved so that its pump
+        decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        session.results.append((Completion(assignment_id, outcome), decided))
+        if session.recorder is None:
+            session.recorder = asyncio.create_task(
+                self._record_results(session), name=f"results-{session.worker_id}"
+            )
+        await decided
+
+    async def _record_results(self, session: WorkerSession) -> None:
+        try:
+            await asyncio.sleep(0)  # results read from the same message join this batch
+            while session.results:
+                batch = session.results[:MAX_RESULTS_PER_TRANSACTION]
+                del session.results[:MAX_RESULTS_PER_TRANSACTION]
+                await self._record(session, batch)
+        finally:
+            session.recorder = None
+
+    async def _record(
+        self, session: WorkerSession, batch: list[tuple[Completion, asyncio.Future[None]]]
+    ) -> None:
+        ids = {completion.assignment_id for completion, _ in batch}
+        # The worker's next work is claimed in the transaction that records these
+        # results (one commit instead of two); the slots are reserved so that its pump
         # cannot claim them meanwhile.
-        slots = self._free(session) + (1 if assignment_id in session.in_flight else 0)
+        slots = self._free(session) + len(ids & session.in_flight)
         if slots <= 0 or session.silent or self._draining:
             slots = 0
         claimed: list[AssignmentRecord] = []
-
         claim_ran = False
 
         async def claim_next(tx: StoreTransaction) -> list[str]:
@@ -315,19 +348,26 @@ class Dispatcher:
         session.reserved += slots
         queue_empty = False
         try:
-            await self._engine.complete(
-                assignment_id, outcome, worker_id=session.worker_id,
+            refused = await self._engine.complete_many(
+                [completion for completion, _ in batch], worker_id=session.worker_id,
                 and_then=claim_next if slots else None,
             )  # fmt: skip
             # A claim that took fewer than it could found the queue empty for this
             # worker: its pump has nothing to do until new work is announced.
             queue_empty = claim_ran and len(claimed) < slots
-        except BaseException:
+        except BaseException as e:
             claimed.clear()  # rolled back with the transaction
-            raise
+            for _, decided in batch:
+                _settle(decided, e)
+            if not isinstance(e, Exception):
+                raise
+            return
         finally:
             session.reserved -= slots
-            self._settled(session, assignment_id, wake=not queue_empty)
+            for assignment_id in ids:
+                self._settled(session, assignment_id, wake=not queue_empty)
+        for (_, decided), error in zip(batch, refused, strict=True):
+            _settle(decided, error)
         if claimed:
             await self._hand_over(session, claimed)
 
@@ -421,3 +461,16 @@ class Dispatcher:
             except Exception:
                 log.exception("lease timer failed; retrying")
                 await asyncio.sleep(1.0)
+
+
+def _settle(decided: asyncio.Future[None], error: BaseException | None) -> None:
+    """Resolve a result's future; an error nobody awaits any more is not logged as lost."""
+    if decided.done():
+        return
+    if error is None:
+        decided.set_result(None)
+    elif isinstance(error, asyncio.CancelledError):
+        decided.cancel()
+    else:
+        decided.set_exception(error)
+        decided.exception()  # retrieved: the caller may have stopped waiting

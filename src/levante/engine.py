@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -355,57 +355,119 @@ class Engine:
         ``and_then`` runs in the same transaction after the decision is written; it
         returns the ids of the assignments it claimed (no worker is woken for those).
         """
-        field = "result_json" if outcome.ok else "error_json"
-        try:
-            check_json_value(outcome.value, field, "result_bytes", self.limits)
-        except LimitExceededError as e:
-            if worker_id is None:
-                raise
-            outcome = Outcome.failure({"type": "LimitExceeded", "message": str(e)})
+        refused = await self.complete_many(
+            [Completion(assignment_id, outcome)], worker_id=worker_id, and_then=and_then
+        )
+        if refused[0] is not None:
+            raise refused[0]
+
+    async def complete_many(
+        self,
+        completions: Sequence[Completion],
+        *,
+        worker_id: str | None = None,
+        and_then: Callable[[StoreTransaction], Awaitable[Collection[str]]] | None = None,
+    ) -> list[LevanteError | None]:
+        """``complete`` of several outcomes in one transaction: what a worker reports
+        together costs one commit and a few statements, not a transaction each.
+
+        Returns, per completion in order, None (recorded, or the same outcome again) or
+        the error it was refused with; one refusal does not hold back the others. When a
+        decision fails part-way (its writes may be half sent), the transaction is rolled
+        back and each completion is recorded again in a transaction of its own, so that
+        only the one at fault is refused.
+        """
+        refused: list[LevanteError | None] = [None] * len(completions)
+        todo: list[tuple[int, Completion]] = []
+        for i, completion in enumerate(completions):
+            outcome = completion.outcome
+            field = "result_json" if outcome.ok else "error_json"
+            try:
+                check_json_value(outcome.value, field, "result_bytes", self.limits)
+            except LimitExceededError as e:
+                if worker_id is None:
+                    refused[i] = e
+                    continue
+                failure = Outcome.failure({"type": "LimitExceeded", "message": str(e)})
+                completion = Completion(completion.assignment_id, failure)
+            todo.append((i, completion))
+        if not todo:
+            return refused
         effects = _Effects()
-        async with self.store.transaction() as tx:
-            # Looked up inside the transaction: the writer sees every commit, while a
-            # read outside it may run on a snapshot taken before this assignment existed.
-            found = await tx.get_assignment(assignment_id)
-            if found is None:
-                raise NotFoundError(f"task_id '{assignment_id}' not found")
-            execution = await tx.lock_execution(found.execution_id)
-            # Re-read once the execution is locked: another replica may have changed it.
-            assignment = found if tx.holds_store_lock else await tx.get_assignment(assignment_id)
-            if execution is None or assignment is None:
-                raise NotFoundError(f"task_id '{assignment_id}' not found")
-            if (
-                worker_id is not None and assignment.worker_id not in (None, worker_id)
-                and assignment.state in (AssignmentState.LEASED, AssignmentState.DEFERRED)
-            ):  # fmt: skip
-                raise ConflictError(
-                    f"task_id '{assignment_id}' is held by another worker, not {worker_id}"
-                )
-            if assignment.state == AssignmentState.DONE:
-                if assignment.outcome == outcome:
-                    return
-                raise AlreadyCompletedError(
-                    f"task_id '{assignment_id}' already completed with a different outcome"
-                )
-            if assignment.state == AssignmentState.CANCELLED:
-                raise ConflictError(
-                    f"task_id '{assignment_id}' was cancelled (its task ended or execution "
-                    f"{execution.id} is {execution.state.value})"
-                )
-            if assignment.state == AssignmentState.CHILD:
-                raise ConflictError(
-                    f"task_id '{assignment_id}' is carried out by subworkflow execution "
-                    f"{assignment.id}; it completes when that execution ends"
-                )
-            event = AssignmentCompleted(assignment.id, assignment.task_id, outcome, self._clock())
-            index, snapshot = await self._snapshot_for_task(
-                tx, {execution.id: execution}, assignment.task_id, assignment
-            )
-            await self._apply(tx, await self._decide(tx, index.spec, snapshot, event), effects)
-            if and_then is not None:  # the dispatcher claims the worker's next work here
-                for claimed in await and_then(tx):
-                    effects.queued.pop(AssignmentId(claimed), None)  # nobody to wake for it
+        try:
+            async with self.store.transaction() as tx:
+                await self._record_outcomes(tx, todo, refused, worker_id, effects)
+                if and_then is not None:  # the dispatcher claims the worker's next work here
+                    for claimed in await and_then(tx):
+                        effects.queued.pop(AssignmentId(claimed), None)  # nobody to wake for it
+        except LevanteError as e:
+            if len(todo) == 1:
+                refused[todo[0][0]] = e
+                return refused
+            for i, completion in todo:  # one at a time, each in a transaction of its own
+                refused[i] = (await self.complete_many([completion], worker_id=worker_id))[0]
+            return refused
         self._notify(effects)
+        return refused
+
+    async def _record_outcomes(
+        self,
+        tx: StoreTransaction,
+        todo: list[tuple[int, Completion]],
+        refused: list[LevanteError | None],
+        worker_id: str | None,
+        effects: _Effects,
+    ) -> None:
+        """Decide each completion in ``tx``, in rounds: a round reads what its completions
+        need with a few statements for all of them, then decides them one by one. A
+        completion whose execution an earlier one in the round changed waits for the
+        next round, which reads afresh (with this transaction's writes)."""
+        round_ = todo
+        while round_:
+            later: list[tuple[int, Completion]] = []
+            found = await tx.get_assignments({c.assignment_id for _, c in round_})
+            executions = await tx.lock_executions({a.execution_id for a in found.values()})
+            chosen: list[tuple[int, AssignmentRecord, ExecutionRecord, Outcome]] = []
+            busy: set[ExecutionId] = set()
+            for i, completion in round_:
+                assignment = found.get(completion.assignment_id)
+                execution = None if assignment is None else executions.get(assignment.execution_id)
+                if assignment is None or execution is None:
+                    refused[i] = NotFoundError(f"task_id '{completion.assignment_id}' not found")
+                elif execution.id in busy:
+                    later.append((i, completion))
+                else:
+                    refusal = _refusal(assignment, execution, completion.outcome, worker_id)
+                    if refusal is _ALREADY_RECORDED:
+                        continue
+                    if refusal is not None:
+                        refused[i] = refusal
+                        continue
+                    busy.add(execution.id)
+                    chosen.append((i, assignment, execution, completion.outcome))
+            names: dict[ExecutionId, set[str]] = {}
+            indexes: dict[ExecutionId, _WorkflowIndex] = {}
+            for _, assignment, execution, _ in chosen:
+                index = indexes[execution.id] = await self._workflow(
+                    execution.definition_id, execution.workflow
+                )
+                names[execution.id] = index.names_to_load(assignment.task_name)
+            tasks, latest = await tx.tasks_and_latest({a.task_id for _, a, _, _ in chosen}, names)
+            changed: set[ExecutionId] = set()
+            for i, assignment, execution, outcome in chosen:
+                if execution.id in changed:  # by an earlier completion's follow-ups
+                    later.append((i, Completion(assignment.id, outcome)))
+                    continue
+                task = tasks.get(assignment.task_id)
+                if task is None:
+                    raise NotFoundError(f"task '{assignment.task_id}' not found")
+                held = await self._next_held(tx, task)
+                snapshot = Snapshot(execution, latest[execution.id], task, assignment, held)
+                event = AssignmentCompleted(assignment.id, assignment.task_id, outcome,
+                                            self._clock())  # fmt: skip
+                decision = await self._decide(tx, indexes[execution.id].spec, snapshot, event)
+                changed |= await self._apply(tx, decision, effects)
+            round_ = later
 
     # -- lifecycle
 
@@ -666,8 +728,11 @@ class Engine:
 
     # -- carrying out a decision
 
-    async def _apply(self, tx: StoreTransaction, first: Decision, effects: _Effects) -> None:
-        """Write a decision, carry out its commands, decide its follow-ups: all in ``tx``."""
+    async def _apply(
+        self, tx: StoreTransaction, first: Decision, effects: _Effects
+    ) -> set[ExecutionId]:
+        """Write a decision, carry out its commands, decide its follow-ups: all in ``tx``.
+        Returns the executions it changed."""
         executions: dict[ExecutionId, ExecutionRecord] = {}
         # Follow-ups are decided one at a time, each after the previous decision is
         # written, so every snapshot sees what came before it in this transaction.
@@ -744,6 +809,7 @@ class Engine:
                         else:
                             followups.append(started)
             pending.extend(followups)
+        return set(executions)
 
     async def _action_online_until(self, tx: StoreTransaction, action: str) -> float | None:
         """None when no worker ever declared ``action``; else until when one is known to
@@ -804,6 +870,49 @@ class Engine:
         if effects.voided and listeners.on_voided is not None:
             for prefix, reason in effects.voided.items():
                 listeners.on_voided([prefix], reason)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One assignment's outcome, as a worker or TaskComplete reports it."""
+
+    assignment_id: AssignmentId
+    outcome: Outcome
+
+
+# _refusal's answer for the same outcome reported again: accepted, nothing to do.
+_ALREADY_RECORDED = LevanteError("already recorded")
+
+
+def _refusal(
+    assignment: AssignmentRecord, execution: ExecutionRecord, outcome: Outcome,
+    worker_id: str | None,
+) -> LevanteError | None:  # fmt: skip
+    """Why this outcome cannot be recorded for this assignment (None: it can)."""
+    if (
+        worker_id is not None and assignment.worker_id not in (None, worker_id)
+        and assignment.state in (AssignmentState.LEASED, AssignmentState.DEFERRED)
+    ):  # fmt: skip
+        return ConflictError(
+            f"task_id '{assignment.id}' is held by another worker, not {worker_id}"
+        )
+    if assignment.state == AssignmentState.DONE:
+        if assignment.outcome == outcome:
+            return _ALREADY_RECORDED
+        return AlreadyCompletedError(
+            f"task_id '{assignment.id}' already completed with a different outcome"
+        )
+    if assignment.state == AssignmentState.CANCELLED:
+        return ConflictError(
+            f"task_id '{assignment.id}' was cancelled (its task ended or execution "
+            f"{execution.id} is {execution.state.value})"
+        )
+    if assignment.state == AssignmentState.CHILD:
+        return ConflictError(
+            f"task_id '{assignment.id}' is carried out by subworkflow execution "
+            f"{assignment.id}; it completes when that execution ends"
+        )
+    return None
 
 
 # Every bundled worker serves the standard actions, as Mistral always knows them: a

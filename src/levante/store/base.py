@@ -15,7 +15,7 @@ Rules every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -79,6 +79,28 @@ class StoreTransaction(Protocol):
         ...
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None: ...
+
+    # -- several rows at once: one round trip where the database is a server
+
+    async def get_assignments(
+        self, assignment_ids: Collection[AssignmentId]
+    ) -> dict[AssignmentId, AssignmentRecord]:
+        """``get_assignment`` of each (those that exist), locked as it locks one."""
+        ...
+
+    async def lock_executions(
+        self, execution_ids: Collection[ExecutionId]
+    ) -> dict[ExecutionId, ExecutionRecord]:
+        """``lock_execution`` of each (those that exist), locked in id order, so that two
+        transactions locking overlapping sets cannot deadlock on them."""
+        ...
+
+    async def tasks_and_latest(
+        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
+    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
+        """``get_task`` of each id, and ``latest_tasks`` of each execution's names (every
+        execution asked for has an entry, perhaps empty)."""
+        ...
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None: ...
 

@@ -7,7 +7,7 @@ and applied at commit, so a failed transaction leaves nothing behind, as with SQ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from levante.core.model import (
@@ -134,6 +134,36 @@ class MemoryTransaction:
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         return self.assignments.get(assignment_id) or self._t.assignments.get(assignment_id)
+
+    async def get_assignments(
+        self, assignment_ids: Collection[AssignmentId]
+    ) -> dict[AssignmentId, AssignmentRecord]:
+        found = {}
+        for assignment_id in assignment_ids:
+            assignment = await self.get_assignment(assignment_id)
+            if assignment is not None:
+                found[assignment_id] = assignment
+        return found
+
+    async def lock_executions(
+        self, execution_ids: Collection[ExecutionId]
+    ) -> dict[ExecutionId, ExecutionRecord]:
+        found = {}
+        for execution_id in sorted(execution_ids):
+            execution = self._execution(execution_id)
+            if execution is not None:
+                found[execution_id] = execution
+        return found
+
+    async def tasks_and_latest(
+        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
+    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
+        by_id = {}
+        for task_id in task_ids:
+            task = self._task(task_id)
+            if task is not None:
+                by_id[task_id] = task
+        return by_id, {e: await self.latest_tasks(e, names) for e, names in latest.items()}
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         for a in assignments:

@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
 from typing import Any
@@ -243,6 +243,24 @@ _CLAIM = (
     "FROM picked WHERE a.id = picked.id AND a.state='QUEUED' "
     f"RETURNING {', '.join(f'a.{c}' for c in rows.ASSIGNMENT_COLUMNS)}, a.seq) "
     "SELECT * FROM claimed"
+)
+# Locks are taken in id order (LockRows runs above the sort), so that transactions
+# locking overlapping sets of rows cannot deadlock on them.
+_GET_ASSIGNMENTS = (
+    f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id = ANY($1::text[]) "
+    "ORDER BY id FOR UPDATE"
+)
+_LOCK_EXECUTIONS = (
+    f"SELECT {_EXECUTION_COLS} FROM executions WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE"
+)
+# Tasks by id, and the newest row of each (execution_id, name) pair: one round trip.
+_TASKS_AND_LATEST = (
+    f"SELECT {_TASK_COLS}, false AS latest FROM tasks WHERE id = ANY($1::text[]) "
+    f"UNION ALL (SELECT DISTINCT ON (t.execution_id, t.name) "
+    f"{', '.join(f't.{c}' for c in rows.TASK_COLUMNS)}, true FROM tasks t "
+    "JOIN unnest($2::text[], $3::text[]) AS w(execution_id, name) "
+    "ON t.execution_id = w.execution_id AND t.name = w.name "
+    "ORDER BY t.execution_id, t.name, t.seq DESC)"
 )
 _INSERT_TIMER = (
     f"INSERT INTO timers ({_TIMER_COLS}) VALUES ({_params(len(rows.TIMER_COLUMNS))}) "
@@ -471,6 +489,47 @@ class PostgresTransaction:
             )
         return None if row is None else rows.assignment_from_row(row)
 
+    async def get_assignments(
+        self, assignment_ids: Collection[AssignmentId]
+    ) -> dict[AssignmentId, AssignmentRecord]:
+        await self.send_buffered()
+        if not assignment_ids:
+            return {}
+        with _Failing("cannot read assignments"):
+            found = await self._conn.fetch(_GET_ASSIGNMENTS, sorted(assignment_ids))
+        return {r["id"]: rows.assignment_from_row(r) for r in found}
+
+    async def lock_executions(
+        self, execution_ids: Collection[ExecutionId]
+    ) -> dict[ExecutionId, ExecutionRecord]:
+        await self.send_buffered()
+        if not execution_ids:
+            return {}
+        with _Failing("cannot lock executions"):
+            found = await self._conn.fetch(_LOCK_EXECUTIONS, sorted(execution_ids))
+        return {r["id"]: rows.execution_from_row(r) for r in found}
+
+    async def tasks_and_latest(
+        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
+    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
+        await self.send_buffered()
+        pairs = [(e, n) for e, names in latest.items() for n in names]
+        by_id: dict[TaskId, TaskRecord] = {}
+        by_name: dict[ExecutionId, dict[str, TaskRecord]] = {e: {} for e in latest}
+        if not task_ids and not pairs:
+            return by_id, by_name
+        with _Failing("cannot read tasks"):
+            found = await self._conn.fetch(
+                _TASKS_AND_LATEST, list(task_ids), [e for e, _ in pairs], [n for _, n in pairs]
+            )
+        for r in found:
+            task = rows.task_from_row(r)
+            if r["latest"]:
+                by_name[task.execution_id][task.name] = task
+            else:
+                by_id[task.id] = task
+        return by_id, by_name
+
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         for a in assignments:
             self._assignments[a.id] = rows.assignment_row(a)
@@ -578,6 +637,15 @@ class PostgresTransaction:
         return None if row is None else rows.timer_from_row(row)
 
 
+async def _reset_connection(conn: Any) -> None:
+    """What a connection needs before it goes back to the pool: only an open transaction
+    ended. The store never changes session state (no LISTEN on pool connections, no
+    session advisory locks, no SET), so asyncpg's default reset, a round trip of
+    ``RESET ALL`` and friends on every release, has nothing to undo."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class PostgresStore:
     """A pool of connections to one database; ``url`` is a libpq URL asyncpg accepts."""
 
@@ -601,6 +669,7 @@ class PostgresStore:
                     min_size=self._min_size,
                     max_size=self._max_size,
                     server_settings={"application_name": "levante"},
+                    reset=_reset_connection,
                 )
         except ValueError as e:  # asyncpg's URL parser, for a port that is not a number
             raise StoreError(f"cannot connect to PostgreSQL: bad URL {self.url!r}: {e}") from e

@@ -23,7 +23,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -310,6 +310,38 @@ class SqliteTransaction:
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         row = self._one(f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,))
         return None if row is None else rows.assignment_from_row(row)
+
+    async def get_assignments(
+        self, assignment_ids: Collection[AssignmentId]
+    ) -> dict[AssignmentId, AssignmentRecord]:
+        found = {}
+        for assignment_id in assignment_ids:  # in-process: a statement each costs little
+            row = self._one(
+                f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,)
+            )
+            if row is not None:
+                found[assignment_id] = rows.assignment_from_row(row)
+        return found
+
+    async def lock_executions(
+        self, execution_ids: Collection[ExecutionId]
+    ) -> dict[ExecutionId, ExecutionRecord]:
+        found = {}
+        for execution_id in sorted(execution_ids):
+            execution = await self.lock_execution(execution_id)
+            if execution is not None:
+                found[execution_id] = execution
+        return found
+
+    async def tasks_and_latest(
+        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
+    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
+        by_id = {}
+        for task_id in task_ids:
+            task = await self.get_task(task_id)
+            if task is not None:
+                by_id[task_id] = task
+        return by_id, {e: await self.latest_tasks(e, names) for e, names in latest.items()}
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         if assignments:
