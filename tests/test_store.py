@@ -46,6 +46,7 @@ from levante.engine import Engine
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import PostgresStore, SqliteStore, store_for
+from levante.store import sqlite as sqlite_store
 from levante.store.base import SCHEMA_VERSION, Store, StoredDefinition
 
 TABLES = {"definitions", "workflows", "executions", "tasks", "assignments", "timers", "history"}
@@ -1390,3 +1391,33 @@ async def test_waiting_notes_are_cleared_when_a_worker_of_their_action_attaches(
     assert by_name["b"].state_info.startswith(WAITING_FOR_WORKER)
     assert by_name["c"].state_info == note
     assert await store.clear_waiting_notes(["slow.thing"]) == 0  # each note is cleared once
+
+
+async def test_sqlite_the_wal_starts_over_while_writes_never_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small limits, so that a few megabytes of writes cross them many times.
+    limit = 256 * 1024
+    monkeypatch.setattr(sqlite_store, "WAL_CHECKPOINT_BYTES", limit)
+    monkeypatch.setattr(sqlite_store, "WAL_CHECK_EVERY_COMMITS", 4)
+    store = SqliteStore(tmp_path / "wal.db")
+    await store.open()
+    wal = Path(f"{store.path}-wal")
+    try:
+        largest = 0
+        padding = "x" * 2000
+        for batch in range(400):  # one commit after another, never an idle moment
+            async with store.transaction() as tx:
+                await tx.save_timers([
+                    TimerRecord(f"t{batch}-{i}", ExecutionId("e"), "retry", 0.0,
+                                payload={"padding": padding})
+                    for i in range(20)
+                ])  # fmt: skip
+            largest = max(largest, wal.stat().st_size)
+        # About 16 MB of frames were written: without starting over, the WAL holds them
+        # all; each checkpoint lets it start from its beginning again.
+        assert store.commits >= 400
+        assert largest < 8 * limit, f"the WAL grew to {largest} bytes"
+        assert len(await store.due_timers(1.0, 10_000)) == 8000
+    finally:
+        await store.close()

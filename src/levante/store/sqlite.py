@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import sqlite3
 import time
@@ -482,7 +483,11 @@ MAX_GROUP_MEMBERS = 64
 # members dirtied, so the fewer commits, the fewer pages written per transaction.
 GROUP_LINGER_SECONDS = 0.002
 LINGER_AFTER_MEMBERS = 4
-CHECKPOINT_EVERY_COMMITS = 200
+# The WAL is checkpointed (see SqliteStore._checkpoint) once this many bytes of frames
+# have been written since it last started over; its size is looked at every
+# WAL_CHECK_EVERY_COMMITS commits.
+WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
+WAL_CHECK_EVERY_COMMITS = 16
 
 
 class _Group:
@@ -531,6 +536,7 @@ class SqliteStore:
             # Statement and savepoint journals in memory, not in temporary files that
             # each transaction would create and delete.
             db.execute("PRAGMA temp_store=MEMORY")
+            db.execute(f"PRAGMA journal_size_limit={WAL_CHECKPOINT_BYTES}")
         except BaseException:
             db.close()
             raise
@@ -730,18 +736,46 @@ class SqliteStore:
         self._last_group_members = group.members
         group.done()
         self._since_checkpoint += 1
-        if self._since_checkpoint >= CHECKPOINT_EVERY_COMMITS and self._checkpointer is None:
+        if self._since_checkpoint >= WAL_CHECK_EVERY_COMMITS and self._checkpointer is None:
             self._since_checkpoint = 0
-            self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint())
+            # A WAL that starts over is overwritten from its start and cut back to
+            # WAL_CHECKPOINT_BYTES (journal_size_limit): it grows past that size only
+            # once more frames than that were written since.
+            if self._wal_size() > WAL_CHECKPOINT_BYTES:
+                self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    def _wal_size(self) -> int:
+        try:
+            return os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return 0
 
     async def _checkpoint(self) -> None:
-        """Copy the WAL back into the database file on aiosqlite's thread.
+        """Copy the WAL back into the database file on aiosqlite's thread, and let the
+        WAL start over from its beginning.
 
         The writer's automatic checkpoint is off: it would run inside a COMMIT on the
-        event loop's thread and fsync there.
+        event loop's thread and fsync there. A PASSIVE checkpoint copies what has been
+        committed while writes go on; but a WAL starts over only after a checkpoint that
+        copied every frame, which never happens while commits keep coming, so on a busy
+        engine the WAL would grow for as long as the load lasts (241 MB for 5,000 tasks
+        in testing, each commit appending to a longer file). So a RESTART checkpoint
+        follows, in the writer's turn between group commits: it copies the little
+        committed meanwhile, and the next write transaction reuses the WAL from its start.
         """
         try:
             await self._b.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            self._entrants += 1  # a waiting entrant: the open group stays open for it
+            try:
+                await self._write_lock.acquire()
+            finally:
+                self._entrants -= 1
+            try:
+                self._commit_group()  # the writer's turn: nothing in flight, nothing open
+                await self._b.execute("PRAGMA wal_checkpoint(RESTART)")
+            finally:
+                self._write_lock.release()
+                self._flush_if_idle()
         except Exception as e:  # the next one will try again
             log.warning("WAL checkpoint failed: %s", e)
         finally:
