@@ -241,14 +241,20 @@ async def test_a_workers_results_arriving_together_share_one_transaction(
         parallel = (await inbox.at_least(41))[1:]
         assert len(parallel) == 40
         before = engine.batches
+        # A message carrying 20 results (and an unknown one) is recorded in one transaction.
+        refused = await dispatcher.results(session, [
+            *(Completion(a.id, Outcome.success()) for a in parallel[:20]),
+            Completion(AssignmentId("unknown"), Outcome.success()),
+        ])  # fmt: skip
+        assert refused[:20] == [None] * 20 and isinstance(refused[20], NotFoundError)
+        assert engine.batches - before == 1
+        # Results reported one by one while a transaction is open wait for it, and the
+        # next transaction takes them all: here the first goes alone, the other 19 together.
         answers = await asyncio.gather(
-            *(dispatcher.result(session, a.id, Outcome.success()) for a in parallel),
-            dispatcher.result(session, AssignmentId("unknown"), Outcome.success()),
-            return_exceptions=True,
+            *(dispatcher.result(session, a.id, Outcome.success()) for a in parallel[20:])
         )
-        assert answers[:40] == [None] * 40
-        assert isinstance(answers[40], NotFoundError)
-        assert engine.batches - before == 1  # one transaction for the 41
+        assert answers == [None] * 20
+        assert engine.batches - before == 3
         [join] = (await inbox.at_least(42))[41:]
         assert join.task_name == "join"
         await dispatcher.result(session, join.id, Outcome.success())

@@ -20,12 +20,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 from levante.core.model import AssignmentRecord, AssignmentState, Outcome
 from levante.engine import Completion, Engine
-from levante.errors import ConflictError, InvalidArgumentError, NotFoundError
+from levante.errors import (
+    ConflictError,
+    InvalidArgumentError,
+    LevanteError,
+    NotFoundError,
+    StoreError,
+)
 from levante.ids import AssignmentId
 from levante.observability import metrics
 from levante.store.base import Store, StoreTransaction
@@ -35,6 +41,7 @@ log = logging.getLogger("levante.dispatch")
 DEFAULT_LEASE_SECONDS = 60.0
 # The most results of one worker recorded in one transaction.
 MAX_RESULTS_PER_TRANSACTION = 64
+_RECORDING_INLINE = object()  # WorkerSession.recorder while a caller records inline
 # At shutdown, how long to wait for ended streams to hand back their unsent assignments.
 DETACH_WAIT_SECONDS = 5.0
 
@@ -54,9 +61,10 @@ class WorkerSession:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Slots promised to claims running inside result transactions (see Dispatcher.result).
     reserved: int = 0
-    # Results waiting for the recorder (Dispatcher.result), and the recorder, if running.
+    # Results waiting to be recorded (Dispatcher.results), and who records them: None,
+    # a caller recording inline, or a task of its own.
     results: list[tuple[Completion, asyncio.Future[None]]] = field(default_factory=list)
-    recorder: asyncio.Task[None] | None = None
+    recorder: asyncio.Task[None] | object | None = None
 
 
 class Dispatcher:
@@ -296,29 +304,51 @@ class Dispatcher:
     async def result(
         self, session: WorkerSession, assignment_id: AssignmentId, outcome: Outcome
     ) -> None:
-        """Record a result the worker reported; raises what the engine refused it with.
+        """Record one result the worker reported; raises what the engine refused it with."""
+        [refused] = await self.results(session, [Completion(assignment_id, outcome)])
+        if refused is not None:
+            raise refused
 
-        Results of one worker are recorded by one recorder at a time: those that arrive
-        while a transaction is open wait for it, and the next transaction takes them all
-        (up to MAX_RESULTS_PER_TRANSACTION), so a busy worker's results share commits and
-        statements while a lone result is recorded at once.
+    async def results(
+        self, session: WorkerSession, completions: Sequence[Completion]
+    ) -> list[LevanteError | None]:
+        """Record results the worker reported; returns, per result, None or the error the
+        engine refused it with (a StoreError: not recorded, the worker should resend).
+
+        One worker's results are recorded one transaction at a time. A caller that
+        finds none open records its own at once, in its own task (a lone result, a
+        chain's step, costs no hand-off); results that arrive meanwhile wait, and the
+        next transaction takes all of them (up to MAX_RESULTS_PER_TRANSACTION), so a busy
+        worker's results share commits and statements.
         """
         self.heard_from(session)
-        decided: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        session.results.append((Completion(assignment_id, outcome), decided))
+        loop = asyncio.get_running_loop()
+        waiting = [(completion, loop.create_future()) for completion in completions]
+        session.results.extend(waiting)
         if session.recorder is None:
-            session.recorder = asyncio.create_task(
-                self._record_results(session), name=f"results-{session.worker_id}"
-            )
-        await decided
+            session.recorder = _RECORDING_INLINE
+            try:
+                await self._record(session, _take_batch(session))
+            finally:
+                if session.results:  # others arrived meanwhile: a task of their own
+                    session.recorder = asyncio.create_task(
+                        self._record_results(session), name=f"results-{session.worker_id}"
+                    )
+                else:
+                    session.recorder = None
+        refused: list[LevanteError | None] = []
+        for _, decided in waiting:
+            try:
+                await decided
+                refused.append(None)
+            except LevanteError as e:
+                refused.append(e)
+        return refused
 
     async def _record_results(self, session: WorkerSession) -> None:
         try:
-            await asyncio.sleep(0)  # results read from the same message join this batch
             while session.results:
-                batch = session.results[:MAX_RESULTS_PER_TRANSACTION]
-                del session.results[:MAX_RESULTS_PER_TRANSACTION]
-                await self._record(session, batch)
+                await self._record(session, _take_batch(session))
         finally:
             session.recorder = None
 
@@ -357,8 +387,9 @@ class Dispatcher:
             queue_empty = claim_ran and len(claimed) < slots
         except BaseException as e:
             claimed.clear()  # rolled back with the transaction
+            interrupted = StoreError("recording the result was interrupted; resend it")
             for _, decided in batch:
-                _settle(decided, e)
+                _settle(decided, e if isinstance(e, Exception) else interrupted)
             if not isinstance(e, Exception):
                 raise
             return
@@ -463,14 +494,18 @@ class Dispatcher:
                 await asyncio.sleep(1.0)
 
 
+def _take_batch(session: WorkerSession) -> list[tuple[Completion, asyncio.Future[None]]]:
+    batch = session.results[:MAX_RESULTS_PER_TRANSACTION]
+    del session.results[:MAX_RESULTS_PER_TRANSACTION]
+    return batch
+
+
 def _settle(decided: asyncio.Future[None], error: BaseException | None) -> None:
     """Resolve a result's future; an error nobody awaits any more is not logged as lost."""
     if decided.done():
         return
     if error is None:
         decided.set_result(None)
-    elif isinstance(error, asyncio.CancelledError):
-        decided.cancel()
     else:
         decided.set_exception(error)
         decided.exception()  # retrieved: the caller may have stopped waiting

@@ -422,9 +422,12 @@ class Engine:
         need with a few statements for all of them, then decides them one by one. A
         completion whose execution an earlier one in the round changed waits for the
         next round, which reads afresh (with this transaction's writes)."""
-        round_ = todo
-        while round_:
-            later: list[tuple[int, Completion]] = []
+        # An assignment's execution never changes: once read, a round takes at most one
+        # completion of each execution, and reads only what it takes.
+        execution_of: dict[AssignmentId, ExecutionId] = {}
+        pending = todo
+        while pending:
+            round_, later = _one_per_execution(pending, execution_of)
             found = await tx.get_assignments({c.assignment_id for _, c in round_})
             executions = await tx.lock_executions({a.execution_id for a in found.values()})
             chosen: list[tuple[int, AssignmentRecord, ExecutionRecord, Outcome]] = []
@@ -434,17 +437,19 @@ class Engine:
                 execution = None if assignment is None else executions.get(assignment.execution_id)
                 if assignment is None or execution is None:
                     refused[i] = NotFoundError(f"task_id '{completion.assignment_id}' not found")
-                elif execution.id in busy:
+                    continue
+                execution_of[assignment.id] = execution.id
+                if execution.id in busy:
                     later.append((i, completion))
-                else:
-                    refusal = _refusal(assignment, execution, completion.outcome, worker_id)
-                    if refusal is _ALREADY_RECORDED:
-                        continue
-                    if refusal is not None:
-                        refused[i] = refusal
-                        continue
-                    busy.add(execution.id)
-                    chosen.append((i, assignment, execution, completion.outcome))
+                    continue
+                refusal = _refusal(assignment, execution, completion.outcome, worker_id)
+                if refusal is _ALREADY_RECORDED:
+                    continue
+                if refusal is not None:
+                    refused[i] = refusal
+                    continue
+                busy.add(execution.id)
+                chosen.append((i, assignment, execution, completion.outcome))
             names: dict[ExecutionId, set[str]] = {}
             indexes: dict[ExecutionId, _WorkflowIndex] = {}
             for _, assignment, execution, _ in chosen:
@@ -467,7 +472,7 @@ class Engine:
                                             self._clock())  # fmt: skip
                 decision = await self._decide(tx, indexes[execution.id].spec, snapshot, event)
                 changed |= await self._apply(tx, decision, effects)
-            round_ = later
+            pending = later
 
     # -- lifecycle
 
@@ -882,6 +887,26 @@ class Completion:
 
 # _refusal's answer for the same outcome reported again: accepted, nothing to do.
 _ALREADY_RECORDED = LevanteError("already recorded")
+
+
+def _one_per_execution(
+    pending: list[tuple[int, Completion]], execution_of: Mapping[AssignmentId, ExecutionId]
+) -> tuple[list[tuple[int, Completion]], list[tuple[int, Completion]]]:
+    """The completions a round takes (at most one of each execution known so far, and
+    every one whose execution is not known yet), and those left for later rounds."""
+    taken: list[tuple[int, Completion]] = []
+    later: list[tuple[int, Completion]] = []
+    seen: set[ExecutionId] = set()
+    for item in pending:
+        execution_id = execution_of.get(item[1].assignment_id)
+        if execution_id is None:
+            taken.append(item)
+        elif execution_id in seen:
+            later.append(item)
+        else:
+            seen.add(execution_id)
+            taken.append(item)
+    return taken, later
 
 
 def _refusal(

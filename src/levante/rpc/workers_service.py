@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 
 import grpc
 
 from levante.core.model import AssignmentRecord, Outcome
 from levante.dispatch import Dispatcher, WorkerSession
+from levante.engine import Completion
 from levante.errors import InvalidArgumentError, LevanteError, StoreError
 from levante.ids import AssignmentId
 from levante.observability import logs
@@ -99,9 +100,9 @@ class WorkersService(pb_grpc.WorkersServicer):
         session: WorkerSession,
         outbox: asyncio.Queue[pb.EngineMessage | None],
     ) -> None:
-        """Handle what the worker says. Results and deferrals are decided concurrently, so
-        those that arrive together share the store's commits; each is acknowledged when
-        its own decision is stored. A failure to store one ends the stream (the worker
+        """Handle what the worker says. The results of one message are recorded together
+        (Dispatcher.results), deferrals each on their own; each is acknowledged when its
+        own decision is stored. A failure to store one ends the stream (the worker
         resends what was not acknowledged on its next stream)."""
         handling: set[asyncio.Task[None]] = set()
 
@@ -112,27 +113,33 @@ class WorkersService(pb_grpc.WorkersServicer):
                           session.worker_id, task.exception())  # fmt: skip
                 outbox.put_nowait(None)
 
-        def handle(message: pb.WorkerMessage) -> None:
-            kind = message.WhichOneof("kind")
-            if kind == "result":
-                work: Awaitable[None] = self._acknowledge(session, outbox, message.result)
-            elif kind == "defer":
-                work = self._deferred(session, outbox, AssignmentId(message.defer.task_id))
-            elif kind == "heartbeat":
-                work = self._dispatcher.heartbeat(
-                    session, [AssignmentId(i) for i in message.heartbeat.task_ids]
-                )
-            elif kind == "batch":
-                for inner in message.batch.messages:
-                    if inner.WhichOneof("kind") in ("result", "defer", "heartbeat"):
-                        handle(inner)
-                return
-            else:
-                log.warning("worker %s sent a %s mid-stream; ignored", session.worker_id, kind)
-                return
+        def start(work: Awaitable[None]) -> None:
             task = asyncio.ensure_future(work)
             handling.add(task)
             task.add_done_callback(failed)
+
+        def handle(message: pb.WorkerMessage) -> None:
+            kind = message.WhichOneof("kind")
+            if kind == "result":
+                start(self._acknowledge(session, outbox, [message.result]))
+            elif kind == "defer":
+                start(self._deferred(session, outbox, AssignmentId(message.defer.task_id)))
+            elif kind == "heartbeat":
+                start(self._dispatcher.heartbeat(
+                    session, [AssignmentId(i) for i in message.heartbeat.task_ids]
+                ))  # fmt: skip
+            elif kind == "batch":
+                results = []
+                for inner in message.batch.messages:
+                    inner_kind = inner.WhichOneof("kind")
+                    if inner_kind == "result":
+                        results.append(inner.result)  # recorded together, below
+                    elif inner_kind in ("defer", "heartbeat"):
+                        handle(inner)
+                if results:
+                    start(self._acknowledge(session, outbox, results))
+            else:
+                log.warning("worker %s sent a %s mid-stream; ignored", session.worker_id, kind)
 
         try:
             async for message in request_iterator:
@@ -159,36 +166,43 @@ class WorkersService(pb_grpc.WorkersServicer):
         self,
         session: WorkerSession,
         outbox: asyncio.Queue[pb.EngineMessage | None],
-        result: pb.TaskResult,
+        results: Sequence[pb.TaskResult],
     ) -> None:
-        task_id = AssignmentId(result.task_id)
-        try:
-            outcome = messages.outcome_of(result)
-        except InvalidArgumentError as e:
-            # A worker that cannot say what happened has failed the task: record that,
-            # rather than leave the assignment hanging.
-            outcome = Outcome.failure({"type": "InvalidResult", "message": str(e)})
-        acknowledgement = await self._ack(
-            task_id, self._dispatcher.result(session, task_id, outcome)
-        )
-        outbox.put_nowait(acknowledgement)
+        """Record results that came together, then acknowledge each. A StoreError is not
+        acknowledged: it ends the stream, and the worker resends on its next one."""
+        completions = []
+        for result in results:
+            try:
+                outcome = messages.outcome_of(result)
+            except InvalidArgumentError as e:
+                # A worker that cannot say what happened has failed the task: record
+                # that, rather than leave the assignment hanging.
+                outcome = Outcome.failure({"type": "InvalidResult", "message": str(e)})
+            completions.append(Completion(AssignmentId(result.task_id), outcome))
+        refused = await self._dispatcher.results(session, completions)
+        for completion, error in zip(completions, refused, strict=True):
+            outbox.put_nowait(_ack_for(completion.assignment_id, error))
 
     @staticmethod
     async def _ack(task_id: AssignmentId, decided: Awaitable[None]) -> pb.EngineMessage:
-        """Wait for the engine's decision and turn it into an Ack.
-
-        A StoreError (or any unexpected error) is not acknowledged: it propagates, the
-        stream ends, and the worker resends the result on its next stream.
-        """
+        """Wait for the engine's decision and turn it into an Ack (see _ack_for)."""
         try:
             await decided
-        except StoreError:
-            raise
         except LevanteError as e:
-            code, text = status_for(e)
-            log.info("task_id %s: %s %s", task_id, code.name, text, extra={"task_id": task_id})
-            return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code=code.name, message=text))
+            return _ack_for(task_id, e)
+        return _ack_for(task_id, None)
+
+
+def _ack_for(task_id: AssignmentId, error: LevanteError | None) -> pb.EngineMessage:
+    """The Ack of a decision. A StoreError (or any unexpected error) is not acknowledged:
+    it is raised, the stream ends, and the worker resends the result on its next stream."""
+    if error is None:
         return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code="OK"))
+    if isinstance(error, StoreError):
+        raise error
+    code, text = status_for(error)
+    log.info("task_id %s: %s %s", task_id, code.name, text, extra={"task_id": task_id})
+    return pb.EngineMessage(ack=pb.Ack(task_id=task_id, code=code.name, message=text))
 
 
 def _unsent(outbox: asyncio.Queue[pb.EngineMessage | None]) -> list[AssignmentId]:
