@@ -46,6 +46,7 @@ from levante.engine import Engine
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
 from levante.store import PostgresStore, SqliteStore, store_for
+from levante.store import postgres as postgres_store
 from levante.store import sqlite as sqlite_store
 from levante.store.base import SCHEMA_VERSION, Store, StoredDefinition
 
@@ -1422,3 +1423,35 @@ async def test_sqlite_the_wal_starts_over_while_writes_never_stop(
         assert len(await store.due_timers(1.0, 20_000)) == 16_000
     finally:
         await store.close()
+
+
+async def test_postgres_vacuums_the_queue_as_it_goes(
+    pg: PostgresStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every state an assignment goes through leaves dead index entries that each claim
+    # walks over until a vacuum removes them; the store does not wait for autovacuum.
+    monkeypatch.setattr(postgres_store, "VACUUM_AFTER_CHANGES", 20)
+    await pg.declare_actions(["std.echo"], float("inf"), 0.0)
+    engine = Engine(pg)
+    await engine.register(
+        "version: '2.0'\nloop:\n  tasks:\n"
+        + "".join(f"    t{i}:\n      action: std.echo\n      on-success: [t{i + 1}]\n"
+                  for i in range(39))
+        + "    t39:\n      action: std.echo\n"
+    )  # fmt: skip
+    await engine.run("loop")
+    while claimed := await pg.claim_assignments("w", {"std.echo"}, 1, 1e12):
+        await engine.complete(claimed[0].id, Outcome.success())
+    conn = await asyncpg.connect(pg.url)
+    try:
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while True:
+            vacuums = await conn.fetchval(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'assignments'"
+            )
+            if vacuums or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert vacuums >= 1  # 80 claims and transactions: at least one vacuum ran
+    finally:
+        await conn.close()
