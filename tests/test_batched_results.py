@@ -14,7 +14,7 @@ from stores import STORE_KINDS, opened_store
 
 from levante.bench import workflows
 from levante.core.model import AssignmentRecord, AssignmentState, Decision, Outcome, TaskState
-from levante.dispatch import Dispatcher, WorkerSession
+from levante.dispatch import TRANSACTIONS_PER_WORKER, Dispatcher, WorkerSession
 from levante.engine import Completion, Engine, _Effects
 from levante.errors import (
     AlreadyCompletedError,
@@ -248,13 +248,15 @@ async def test_a_workers_results_arriving_together_share_one_transaction(
         ])  # fmt: skip
         assert refused[:20] == [None] * 20 and isinstance(refused[20], NotFoundError)
         assert engine.batches - before == 1
-        # Results reported one by one while a transaction is open wait for it, and the
-        # next transaction takes them all: here the first goes alone, the other 19 together.
+        # Results reported one by one while every transaction slot of the worker is
+        # taken wait, and the next transaction takes them all: here the first two go at
+        # once, each alone, and the other 18 together.
+        assert TRANSACTIONS_PER_WORKER == 2
         answers = await asyncio.gather(
             *(dispatcher.result(session, a.id, Outcome.success()) for a in parallel[20:])
         )
         assert answers == [None] * 20
-        assert engine.batches - before == 3
+        assert engine.batches - before == 1 + 3
         [join] = (await inbox.at_least(42))[41:]
         assert join.task_name == "join"
         await dispatcher.result(session, join.id, Outcome.success())

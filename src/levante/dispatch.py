@@ -41,7 +41,9 @@ log = logging.getLogger("levante.dispatch")
 DEFAULT_LEASE_SECONDS = 60.0
 # The most results of one worker recorded in one transaction.
 MAX_RESULTS_PER_TRANSACTION = 64
-_RECORDING_INLINE = object()  # WorkerSession.recorder while a caller records inline
+# How many transactions record one worker's results at once: a second batch can be
+# decided while the first waits for its commit (PostgreSQL flushes its WAL then).
+TRANSACTIONS_PER_WORKER = 2
 # At shutdown, how long to wait for ended streams to hand back their unsent assignments.
 DETACH_WAIT_SECONDS = 5.0
 
@@ -61,10 +63,11 @@ class WorkerSession:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     # Slots promised to claims running inside result transactions (see Dispatcher.result).
     reserved: int = 0
-    # Results waiting to be recorded (Dispatcher.results), and who records them: None,
-    # a caller recording inline, or a task of its own.
+    # Results waiting to be recorded (Dispatcher.results), the transactions recording
+    # this worker's results now, and the recorder tasks among them.
     results: list[tuple[Completion, asyncio.Future[None]]] = field(default_factory=list)
-    recorder: asyncio.Task[None] | object | None = None
+    recording: int = 0
+    recorders: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class Dispatcher:
@@ -315,27 +318,24 @@ class Dispatcher:
         """Record results the worker reported; returns, per result, None or the error the
         engine refused it with (a StoreError: not recorded, the worker should resend).
 
-        One worker's results are recorded one transaction at a time. A caller that
-        finds none open records its own at once, in its own task (a lone result, a
-        chain's step, costs no hand-off); results that arrive meanwhile wait, and the
-        next transaction takes all of them (up to MAX_RESULTS_PER_TRANSACTION), so a busy
-        worker's results share commits and statements.
+        One worker's results are recorded by at most TRANSACTIONS_PER_WORKER
+        transactions at a time. A caller that finds one free records its own at once, in
+        its own task (a lone result, a chain's step, costs no hand-off); results that
+        arrive while all are taken wait, and the next transaction takes all of them (up
+        to MAX_RESULTS_PER_TRANSACTION), so a busy worker's results share commits and
+        statements.
         """
         self.heard_from(session)
         loop = asyncio.get_running_loop()
         waiting = [(completion, loop.create_future()) for completion in completions]
         session.results.extend(waiting)
-        if session.recorder is None:
-            session.recorder = _RECORDING_INLINE
+        if session.recording < TRANSACTIONS_PER_WORKER:
+            session.recording += 1
             try:
                 await self._record(session, _take_batch(session))
             finally:
-                if session.results:  # others arrived meanwhile: a task of their own
-                    session.recorder = asyncio.create_task(
-                        self._record_results(session), name=f"results-{session.worker_id}"
-                    )
-                else:
-                    session.recorder = None
+                session.recording -= 1
+                self._keep_recording(session)
         refused: list[LevanteError | None] = []
         for _, decided in waiting:
             try:
@@ -345,12 +345,22 @@ class Dispatcher:
                 refused.append(e)
         return refused
 
+    def _keep_recording(self, session: WorkerSession) -> None:
+        """Results arrived while every transaction slot was taken: a task records them."""
+        if session.results and session.recording < TRANSACTIONS_PER_WORKER:
+            session.recording += 1
+            recorder = asyncio.create_task(
+                self._record_results(session), name=f"results-{session.worker_id}"
+            )
+            session.recorders.add(recorder)
+            recorder.add_done_callback(session.recorders.discard)
+
     async def _record_results(self, session: WorkerSession) -> None:
         try:
             while session.results:
                 await self._record(session, _take_batch(session))
         finally:
-            session.recorder = None
+            session.recording -= 1
 
     async def _record(
         self, session: WorkerSession, batch: list[tuple[Completion, asyncio.Future[None]]]
