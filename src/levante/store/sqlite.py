@@ -337,12 +337,15 @@ class SqliteTransaction:
     async def tasks_and_latest(
         self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
     ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
+        newest = {e: await self.latest_tasks(e, names) for e, names in latest.items()}
+        # A task asked for by id is nearly always the newest of its name, read already.
+        known = {t.id: t for tasks in newest.values() for t in tasks.values()}
         by_id = {}
         for task_id in task_ids:
-            task = await self.get_task(task_id)
+            task = known.get(task_id) or await self.get_task(task_id)
             if task is not None:
                 by_id[task_id] = task
-        return by_id, {e: await self.latest_tasks(e, names) for e, names in latest.items()}
+        return by_id, newest
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         if assignments:
