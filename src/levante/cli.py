@@ -226,6 +226,21 @@ def _client(args: argparse.Namespace) -> Client:
 _LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+def _run_service(main: Coroutine[Any, Any, int]) -> int:
+    """Run a long-lived process (``serve``, ``worker``) on uvloop where it is installed:
+    its event loop costs a fraction of asyncio's, which a process that handles thousands
+    of messages a second spends much of its time in (chain steps 1.2 -> 1.0 ms in
+    scripts/bench). LEVANTE_EVENT_LOOP=asyncio keeps the standard loop."""
+    if os.environ.get("LEVANTE_EVENT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:  # not on this platform (Windows): the standard loop
+            pass
+        else:
+            return uvloop.run(main)
+    return asyncio.run(main)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = args.log_level or ("INFO" if args.command in ("serve", "worker") else "WARNING")
@@ -252,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "token": _token,
             "graph": _graph,
         }[args.command]
+        if args.command in ("serve", "worker"):
+            return _run_service(command(args))
         return asyncio.run(command(args))
     except LevanteError as e:
         print(f"levante: {e}", file=sys.stderr)
