@@ -427,7 +427,10 @@ class Engine:
         execution_of: dict[AssignmentId, ExecutionId] = {}
         pending = todo
         while pending:
-            round_, later = _one_per_execution(pending, execution_of)
+            if execution_of:
+                round_, later = _one_per_execution(pending, execution_of)
+            else:  # the first round: no execution is known yet, every completion is read
+                round_, later = pending, []
             found = await tx.get_assignments({c.assignment_id for _, c in round_})
             executions = await tx.lock_executions({a.execution_id for a in found.values()})
             chosen: list[tuple[int, AssignmentRecord, ExecutionRecord, Outcome]] = []

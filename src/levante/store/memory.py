@@ -139,8 +139,9 @@ class MemoryTransaction:
         self, assignment_ids: Collection[AssignmentId]
     ) -> dict[AssignmentId, AssignmentRecord]:
         found = {}
+        mine, theirs = self.assignments, self._t.assignments
         for assignment_id in assignment_ids:
-            assignment = await self.get_assignment(assignment_id)
+            assignment = mine.get(assignment_id) or theirs.get(assignment_id)
             if assignment is not None:
                 found[assignment_id] = assignment
         return found

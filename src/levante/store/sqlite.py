@@ -490,6 +490,8 @@ LINGER_AFTER_MEMBERS = 4
 # have been written since it last started over; its size is looked at every
 # WAL_CHECK_EVERY_COMMITS commits.
 WAL_CHECKPOINT_BYTES = 16 * 1024 * 1024
+# A group of at least this many transactions commits on a thread (_commit_off_loop).
+COMMIT_OFF_LOOP_MEMBERS = 2
 WAL_CHECK_EVERY_COMMITS = 16
 
 
@@ -526,6 +528,7 @@ class SqliteStore:
         self._flush_scheduled = False
         self._since_checkpoint = 0
         self._checkpointer: asyncio.Task[None] | None = None
+        self._committer: asyncio.Task[None] | None = None  # see _commit_off_loop
         self.commits = 0  # group commits so far, and the transactions they carried
         self.committed_members = 0
         self._last_group_members = 0
@@ -560,6 +563,9 @@ class SqliteStore:
             raise
 
     async def close(self) -> None:
+        if self._committer is not None:
+            with contextlib.suppress(Exception):
+                await self._committer
         if self._writer is not None and self._group is not None:
             self._commit_group()  # members are still waiting for it
         if self._checkpointer is not None:
@@ -723,6 +729,7 @@ class SqliteStore:
                 group.fail(StoreError(f"the transaction was rolled back: {e}"))
 
     def _commit_group(self) -> None:
+        """COMMIT the open group here, on the event loop's thread."""
         group, self._group = self._group, None
         if group is None:
             return
@@ -730,10 +737,39 @@ class SqliteStore:
         try:
             db.execute("COMMIT")
         except sqlite3.Error as e:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            group.fail(StoreError(f"commit failed: {e}"))
+            self._commit_failed(db, group, e)
             return
+        self._committed(group)
+
+    async def _commit_off_loop(self) -> None:
+        """COMMIT the open group on a thread, in the writer's turn: writing the pages a
+        group dirtied into the WAL takes a sixth of a busy engine's event loop, and the
+        loop reads, decides and sends meanwhile (sqlite3 lets go of the GIL in SQLite)."""
+        try:
+            await self._write_lock.acquire()
+            try:
+                group, self._group = self._group, None
+                if group is None:
+                    return  # a member's exit committed it meanwhile
+                db = self._w
+                try:
+                    await asyncio.to_thread(db.execute, "COMMIT")
+                except sqlite3.Error as e:
+                    self._commit_failed(db, group, e)
+                    return
+                self._committed(group)
+            finally:
+                self._write_lock.release()
+        finally:
+            self._committer = None
+
+    @staticmethod
+    def _commit_failed(db: sqlite3.Connection, group: _Group, error: sqlite3.Error) -> None:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        group.fail(StoreError(f"commit failed: {error}"))
+
+    def _committed(self, group: _Group) -> None:
         self.commits += 1
         self.committed_members += group.members
         self._last_group_members = group.members
@@ -790,10 +826,15 @@ class SqliteStore:
 
     def _scheduled_flush(self) -> None:
         self._flush_scheduled = False
-        if self._group is None or self._write_lock.locked():
+        if self._group is None or self._write_lock.locked() or self._committer is not None:
             return  # committed already, or the member inside will see to it
         if self._entrants == 0:
-            self._commit_group()
+            if self._group.members >= COMMIT_OFF_LOOP_MEMBERS:
+                self._committer = asyncio.get_running_loop().create_task(
+                    self._commit_off_loop()
+                )
+            else:  # a lone transaction (a chain's step): no thread hop on its path
+                self._commit_group()
         # else: a waiting member will join and leave; its exit decides again
 
     @asynccontextmanager
