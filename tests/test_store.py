@@ -1455,3 +1455,35 @@ async def test_postgres_vacuums_the_queue_as_it_goes(
         assert vacuums >= 1  # 80 claims and transactions: at least one vacuum ran
     finally:
         await conn.close()
+
+
+async def test_sqlite_a_group_commits_on_a_thread_and_a_lone_transaction_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = SqliteStore(tmp_path / "thread.db")
+    await store.open()
+    off_loop: list[tuple[Any, ...]] = []
+    to_thread = asyncio.to_thread
+
+    async def recording(func: Any, /, *args: Any) -> Any:
+        off_loop.append(args)
+        return await to_thread(func, *args)
+
+    monkeypatch.setattr(sqlite_store.asyncio, "to_thread", recording)
+    try:
+        async def write(n: int) -> None:
+            async with store.transaction() as tx:
+                await tx.insert_execution(execution(n))
+
+        await write(0)  # alone: committed on the event loop's thread
+        assert off_loop == []
+        before = store.commits
+        await asyncio.gather(*(write(n) for n in range(1, 41)))
+        # The 40 arrived together: their groups committed on a thread, and every member
+        # returned only after its group's commit.
+        assert ("COMMIT",) in off_loop
+        assert store.commits - before <= len(off_loop) + 1
+        for n in range(41):
+            assert await store.get_execution(execution(n).id) is not None
+    finally:
+        await store.close()
