@@ -15,7 +15,7 @@ from stores import STORE_KINDS, opened_store
 from levante.bench import workflows
 from levante.core.model import AssignmentRecord, AssignmentState, Decision, Outcome, TaskState
 from levante.dispatch import TRANSACTIONS_PER_WORKER, Dispatcher, WorkerSession
-from levante.engine import Completion, Engine, _Effects
+from levante.engine import Completion, Engine, _Effects, _Written
 from levante.errors import (
     AlreadyCompletedError,
     ConflictError,
@@ -170,13 +170,13 @@ class FailingFor(Counting):
         self.failing = failing
 
     async def _apply(
-        self, tx: StoreTransaction, first: Decision, effects: _Effects
-    ) -> set[ExecutionId]:
-        changed = await super()._apply(tx, first, effects)
+        self, tx: StoreTransaction, first: Decision, effects: _Effects,
+        written: _Written | None = None,
+    ) -> None:  # fmt: skip
+        await super()._apply(tx, first, effects, written)
         if first.execution.id == self.failing:
             await tx.lock_execution(first.execution.id)  # the writes have gone out
             raise ConflictError("this execution's decision fails")
-        return changed
 
 
 async def test_a_decision_failing_part_way_refuses_only_its_own_result(store: Store) -> None:
@@ -265,3 +265,106 @@ async def test_a_workers_results_arriving_together_share_one_transaction(
     finally:
         await dispatcher.close()
         await store.close()
+
+
+# Workflows whose results, recorded together, must end exactly as recorded one by one.
+TOGETHER_OR_ALONE = {
+    "fan_in": workflows.fan_out("fan_in", 6),
+    "fail_fast": """
+version: '2.0'
+fail_fast:
+  tasks:
+    a:
+      action: std.noop
+      on-error: [fail]
+    b: {action: std.noop}
+    c: {action: std.noop}
+""",
+    "pause": """
+version: '2.0'
+pause:
+  tasks:
+    a:
+      action: std.noop
+      on-success: [pause]
+    b:
+      action: std.noop
+      on-success: [d]
+    c:
+      action: std.noop
+      on-success: [d]
+    d:
+      join: all
+      action: std.noop
+""",
+    "items": """
+version: '2.0'
+items:
+  tasks:
+    each:
+      with-items: i in <% range(8) %>
+      concurrency: 3
+      action: std.noop
+      publish: {seen: <% task().result %>}
+      on-success: [after]
+    after:
+      action: std.noop
+      publish: {count: <% len(task(each).result) %>}
+""",
+    "publish": """
+version: '2.0'
+publish:
+  output: {total: <% $.x + $.y + $.z %>}
+  tasks:
+    x:
+      action: std.noop
+      publish: {x: <% task().result %>}
+      on-success: [sum]
+    y:
+      action: std.noop
+      publish: {y: <% task().result %>}
+      on-success: [sum]
+    z:
+      action: std.noop
+      publish: {z: <% task().result %>}
+      on-success: [sum]
+    sum:
+      join: all
+      action: std.noop
+""",
+}
+
+
+async def finish(store: Store, engine: Engine, name: str, together: bool) -> Any:
+    """Run ``name`` to the end, each time completing everything queued (together in
+    one call, or one by one); return what can be compared between two runs."""
+    execution_id = await engine.run(name)
+    values = iter(range(1, 1000))
+    while claimed := await store.claim_assignments("w", {"std.noop"}, 100, 1e12):
+        completions = [Completion(a.id, Outcome.success(next(values))) for a in claimed]
+        if together:
+            refused = await engine.complete_many(completions, worker_id="w")
+        else:
+            refused = [(await engine.complete_many([c], worker_id="w"))[0] for c in completions]
+        assert refused == [None] * len(completions)
+    execution = await store.get_execution(execution_id)
+    assert execution is not None
+    tasks = sorted((t.name, t.state.value, t.state_info, repr(t.published))
+                   for t in await store.list_tasks(execution_id))  # fmt: skip
+    return execution.state.value, execution.output, execution.context, tasks
+
+
+@pytest.mark.parametrize("name", sorted(TOGETHER_OR_ALONE))
+async def test_results_recorded_together_end_as_recorded_one_by_one(
+    tmp_path: Path, name: str
+) -> None:
+    ends = []
+    for together in (True, False):
+        async with opened_store("sqlite", tmp_path) as store:
+            await store.declare_actions(["std.noop"], float("inf"), 0.0)
+            engine = Engine(store)
+            await engine.register(TOGETHER_OR_ALONE[name])
+            ends.append(await finish(store, engine, name, together))
+    assert ends[0] == ends[1]
+
+

@@ -418,64 +418,67 @@ class Engine:
         worker_id: str | None,
         effects: _Effects,
     ) -> None:
-        """Decide each completion in ``tx``, in rounds: a round reads what its completions
-        need with a few statements for all of them, then decides them one by one. A
-        completion whose execution an earlier one in the round changed waits for the
-        next round, which reads afresh (with this transaction's writes)."""
-        # An assignment's execution never changes: once read, a round takes at most one
-        # completion of each execution, and reads only what it takes.
-        execution_of: dict[AssignmentId, ExecutionId] = {}
+        """Decide each completion in ``tx``, in rounds. A round reads what all its
+        completions need with a few statements, then decides them one by one, each
+        against those rows overlaid with what the decisions before it wrote (_Written),
+        so that several results of one execution need no reads between them. A
+        completion whose execution the store itself changed meanwhile (bulk updates of
+        its assignments: cancel, pause, resume, a timeout) waits for the next round,
+        which reads afresh."""
         pending = todo
         while pending:
-            if execution_of:
-                round_, later = _one_per_execution(pending, execution_of)
-            else:  # the first round: no execution is known yet, every completion is read
-                round_, later = pending, []
+            round_, pending = pending, []
             found = await tx.get_assignments({c.assignment_id for _, c in round_})
             executions = await tx.lock_executions({a.execution_id for a in found.values()})
-            chosen: list[tuple[int, AssignmentRecord, ExecutionRecord, Outcome]] = []
-            busy: set[ExecutionId] = set()
-            for i, completion in round_:
+            names: dict[ExecutionId, set[str]] = {}
+            indexes: dict[ExecutionId, _WorkflowIndex] = {}
+            for _, completion in round_:
                 assignment = found.get(completion.assignment_id)
                 execution = None if assignment is None else executions.get(assignment.execution_id)
                 if assignment is None or execution is None:
+                    continue
+                index = indexes.get(execution.id)
+                if index is None:
+                    index = indexes[execution.id] = await self._workflow(
+                        execution.definition_id, execution.workflow
+                    )
+                names.setdefault(execution.id, set()).update(
+                    index.names_to_load(assignment.task_name)
+                )
+            tasks, latest = await tx.tasks_and_latest(
+                {a.task_id for a in found.values() if a.execution_id in names}, names
+            )
+            written = _Written()
+            for i, completion in round_:
+                read = found.get(completion.assignment_id)
+                if read is None or read.execution_id not in executions:
                     refused[i] = NotFoundError(f"task_id '{completion.assignment_id}' not found")
                     continue
-                execution_of[assignment.id] = execution.id
-                if execution.id in busy:
-                    later.append((i, completion))
+                execution_id = read.execution_id
+                if execution_id in written.disturbed:
+                    pending.append((i, completion))  # read again in the next round
                     continue
+                assignment = written.assignments.get(read.id, read)
+                execution = written.executions.get(execution_id, executions[execution_id])
                 refusal = _refusal(assignment, execution, completion.outcome, worker_id)
                 if refusal is _ALREADY_RECORDED:
                     continue
                 if refusal is not None:
                     refused[i] = refusal
                     continue
-                busy.add(execution.id)
-                chosen.append((i, assignment, execution, completion.outcome))
-            names: dict[ExecutionId, set[str]] = {}
-            indexes: dict[ExecutionId, _WorkflowIndex] = {}
-            for _, assignment, execution, _ in chosen:
-                index = indexes[execution.id] = await self._workflow(
-                    execution.definition_id, execution.workflow
-                )
-                names[execution.id] = index.names_to_load(assignment.task_name)
-            tasks, latest = await tx.tasks_and_latest({a.task_id for _, a, _, _ in chosen}, names)
-            changed: set[ExecutionId] = set()
-            for i, assignment, execution, outcome in chosen:
-                if execution.id in changed:  # by an earlier completion's follow-ups
-                    later.append((i, Completion(assignment.id, outcome)))
-                    continue
-                task = tasks.get(assignment.task_id)
+                task = written.tasks.get(assignment.task_id) or tasks.get(assignment.task_id)
                 if task is None:
                     raise NotFoundError(f"task '{assignment.task_id}' not found")
+                index = indexes[execution_id]
+                newest = written.latest(
+                    execution_id, index.names_to_load(task.name), latest[execution_id]
+                )
                 held = await self._next_held(tx, task)
-                snapshot = Snapshot(execution, latest[execution.id], task, assignment, held)
-                event = AssignmentCompleted(assignment.id, assignment.task_id, outcome,
-                                            self._clock())  # fmt: skip
-                decision = await self._decide(tx, indexes[execution.id].spec, snapshot, event)
-                changed |= await self._apply(tx, decision, effects)
-            pending = later
+                snapshot = Snapshot(execution, newest, task, assignment, held)
+                event = AssignmentCompleted(assignment.id, assignment.task_id,
+                                            completion.outcome, self._clock())  # fmt: skip
+                decision = await self._decide(tx, index.spec, snapshot, event)
+                await self._apply(tx, decision, effects, written)
 
     # -- lifecycle
 
@@ -737,10 +740,12 @@ class Engine:
     # -- carrying out a decision
 
     async def _apply(
-        self, tx: StoreTransaction, first: Decision, effects: _Effects
-    ) -> set[ExecutionId]:
+        self, tx: StoreTransaction, first: Decision, effects: _Effects,
+        written: _Written | None = None,
+    ) -> None:  # fmt: skip
         """Write a decision, carry out its commands, decide its follow-ups: all in ``tx``.
-        Returns the executions it changed."""
+        What the decisions write is also noted in ``written``."""
+        written = _Written() if written is None else written
         executions: dict[ExecutionId, ExecutionRecord] = {}
         # Follow-ups are decided one at a time, each after the previous decision is
         # written, so every snapshot sees what came before it in this transaction.
@@ -761,6 +766,7 @@ class Engine:
                 decision = await self._decide(tx, index.spec, snapshot, item)
             execution = decision.execution
             executions[execution.id] = execution
+            written.note(decision)
             await tx.save_tasks(decision.tasks)
             await tx.save_assignments(decision.assignments)
             await tx.update_execution(execution)
@@ -778,7 +784,9 @@ class Engine:
                             followups.append(_unknown_action(a, self._clock()))
                             continue
                         if online_until <= self._clock():
-                            await _note_waiting_for_worker(tx, decision, a)
+                            noted = await _note_waiting_for_worker(tx, decision, a)
+                            if noted is not None:
+                                written.tasks[noted.id] = noted
                         effects.queued[a.id] = a.action
                         if a.action not in effects.announced:
                             effects.announced.add(a.action)
@@ -787,6 +795,7 @@ class Engine:
                         effects.voided[void_id] = reason
                     case FailTaskAssignments(task_id=task_id, error=error):
                         await tx.fail_task_assignments(task_id, error)
+                        written.disturbed.add(execution.id)
                         effects.voided[task_id] = "the task timed out"
                     case StartTimer(timer=timer):
                         await tx.save_timers([timer])
@@ -795,14 +804,17 @@ class Engine:
                         await tx.delete_timers([timer_id])
                     case PauseAssignments(execution_id=execution_id):
                         await tx.pause_assignments(execution_id)
+                        written.disturbed.add(execution_id)
                     case ResumeAssignments(execution_id=execution_id):
                         await tx.resume_assignments(execution_id)
+                        written.disturbed.add(execution_id)
                         resumed = await tx.queued_actions(execution_id)
                         effects.announced |= resumed
                         effects.resumed |= resumed
                         await tx.announce(resumed)
                     case CancelExecutionWork(execution_id=execution_id):
                         await tx.cancel_execution_work(execution_id)
+                        written.disturbed.add(execution_id)
                         effects.voided[execution_id] = "the execution was cancelled"
                     case PropagateToChildren(execution_id=execution_id, event=verb):
                         for child in await tx.child_execution_ids(execution_id):
@@ -817,7 +829,6 @@ class Engine:
                         else:
                             followups.append(started)
             pending.extend(followups)
-        return set(executions)
 
     async def _action_online_until(self, tx: StoreTransaction, action: str) -> float | None:
         """None when no worker ever declared ``action``; else until when one is known to
@@ -880,6 +891,41 @@ class Engine:
                 listeners.on_voided([prefix], reason)
 
 
+@dataclass
+class _Written:
+    """The rows a transaction's decisions have written so far, newest version of each:
+    a completion decided after them sees these instead of the rows read before them.
+    ``disturbed``: executions whose assignments the store changed itself (bulk updates
+    these records do not show), to be read again."""
+
+    executions: dict[ExecutionId, ExecutionRecord] = field(default_factory=dict)
+    tasks: dict[TaskId, TaskRecord] = field(default_factory=dict)
+    assignments: dict[AssignmentId, AssignmentRecord] = field(default_factory=dict)
+    disturbed: set[ExecutionId] = field(default_factory=set)
+    _tasks_of: dict[ExecutionId, dict[TaskId, TaskRecord]] = field(default_factory=dict)
+
+    def note(self, decision: Decision) -> None:
+        self.executions[decision.execution.id] = decision.execution
+        for task in decision.tasks:
+            self.tasks[task.id] = task
+            self._tasks_of.setdefault(task.execution_id, {})[task.id] = task
+        for assignment in decision.assignments:
+            self.assignments[assignment.id] = assignment
+
+    def latest(
+        self, execution_id: ExecutionId, names: Collection[str], read: Mapping[str, TaskRecord]
+    ) -> dict[str, TaskRecord]:
+        """``latest_tasks`` of ``names``: the rows read, overlaid with those written."""
+        found = {name: task for name, task in read.items() if name in names}
+        for task in self._tasks_of.get(execution_id, {}).values():
+            task = self.tasks[task.id]  # a noted task replaces the decision's version
+            if task.name in names:
+                known = found.get(task.name)
+                if known is None or known.seq <= task.seq:
+                    found[task.name] = task
+        return found
+
+
 @dataclass(frozen=True)
 class Completion:
     """One assignment's outcome, as a worker or TaskComplete reports it."""
@@ -890,26 +936,6 @@ class Completion:
 
 # _refusal's answer for the same outcome reported again: accepted, nothing to do.
 _ALREADY_RECORDED = LevanteError("already recorded")
-
-
-def _one_per_execution(
-    pending: list[tuple[int, Completion]], execution_of: Mapping[AssignmentId, ExecutionId]
-) -> tuple[list[tuple[int, Completion]], list[tuple[int, Completion]]]:
-    """The completions a round takes (at most one of each execution known so far, and
-    every one whose execution is not known yet), and those left for later rounds."""
-    taken: list[tuple[int, Completion]] = []
-    later: list[tuple[int, Completion]] = []
-    seen: set[ExecutionId] = set()
-    for item in pending:
-        execution_id = execution_of.get(item[1].assignment_id)
-        if execution_id is None:
-            taken.append(item)
-        elif execution_id in seen:
-            later.append(item)
-        else:
-            seen.add(execution_id)
-            taken.append(item)
-    return taken, later
 
 
 def _refusal(
@@ -960,14 +986,16 @@ def _unknown_action(assignment: AssignmentRecord, now: float) -> AssignmentCompl
 
 async def _note_waiting_for_worker(
     tx: StoreTransaction, decision: Decision, assignment: AssignmentRecord
-) -> None:
+) -> TaskRecord | None:
     """The action is known but no worker serving it is connected: the task says so until
-    a worker serving it attaches (Store.clear_waiting_notes)."""
+    a worker serving it attaches (Store.clear_waiting_notes). Returns the task noted."""
     for task in decision.tasks:
         if task.id == assignment.task_id and task.state == TaskState.RUNNING:
             note = f"{WAITING_FOR_WORKER} '{assignment.action}': none is connected"
-            await tx.note_waiting(dataclasses.replace(task, state_info=note), assignment.action)
-            return
+            noted = dataclasses.replace(task, state_info=note)
+            await tx.note_waiting(noted, assignment.action)
+            return noted
+    return None
 
 
 def _lifecycle_event(
