@@ -183,6 +183,8 @@ class _Worker:
     # ------------------------------------------------------------ logging
 
     def _log(self, level: int, msg: str, *args: Any, task_id: str | None = None) -> None:
+        if not logger.isEnabledFor(level):
+            return  # per-task DEBUG lines: not even their arguments are built
         if task_id is None:
             logger.log(level, "worker %s: " + msg, self._id, *args,
                        extra={"worker_id": self._id}, stacklevel=2)
