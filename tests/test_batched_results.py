@@ -354,13 +354,14 @@ async def finish(store: Store, engine: Engine, name: str, together: bool) -> Any
     return execution.state.value, execution.output, execution.context, tasks
 
 
+@pytest.mark.parametrize("kind", STORE_KINDS)
 @pytest.mark.parametrize("name", sorted(TOGETHER_OR_ALONE))
 async def test_results_recorded_together_end_as_recorded_one_by_one(
-    tmp_path: Path, name: str
+    tmp_path: Path, name: str, kind: str
 ) -> None:
     ends = []
     for together in (True, False):
-        async with opened_store("sqlite", tmp_path) as store:
+        async with opened_store(kind, tmp_path) as store:
             await store.declare_actions(["std.noop"], float("inf"), 0.0)
             engine = Engine(store)
             await engine.register(TOGETHER_OR_ALONE[name])
