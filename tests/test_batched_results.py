@@ -43,6 +43,19 @@ async def claim_all(store: Store, n: int) -> list[AssignmentRecord]:
     return claimed
 
 
+async def fanned_out(
+    store: Store, n: int, engine: Engine | None = None
+) -> tuple[Engine, ExecutionId, list[AssignmentRecord]]:
+    """An engine running a fan-out of ``n`` whose first task is done: its ``n`` parallel
+    assignments, claimed."""
+    engine = Engine(store) if engine is None else engine
+    await engine.register(workflows.fan_out("fan", n))
+    fan = await engine.run("fan")
+    [start] = await claim_all(store, 1)
+    await engine.complete(start.id, Outcome.success())
+    return engine, fan, await claim_all(store, n)
+
+
 async def state_of(store: Store, execution_id: ExecutionId) -> tuple[str, dict[str, str]]:
     execution = await store.get_execution(execution_id)
     assert execution is not None
@@ -75,12 +88,7 @@ async def test_the_bulk_reads_see_the_transactions_own_writes(store: Store) -> N
 
 
 async def test_one_call_records_several_results_each_with_its_own_answer(store: Store) -> None:
-    engine = Engine(store)
-    await engine.register(workflows.fan_out("fan", 4))
-    fan = await engine.run("fan")
-    [start] = await claim_all(store, 1)
-    await engine.complete(start.id, Outcome.success())
-    p = await claim_all(store, 4)
+    engine, fan, p = await fanned_out(store, 4)
     other = await engine.run("fan")
     [other_start] = await claim_all(store, 1)
     refused = await engine.complete_many([
@@ -115,12 +123,7 @@ async def test_one_call_records_several_results_each_with_its_own_answer(store: 
 
 
 async def test_a_join_fired_by_results_recorded_together_fires_once(store: Store) -> None:
-    engine = Engine(store)
-    await engine.register(workflows.fan_out("fan", 6))
-    fan = await engine.run("fan")
-    [start] = await claim_all(store, 1)
-    await engine.complete(start.id, Outcome.success())
-    parallel = await claim_all(store, 6)
+    engine, fan, parallel = await fanned_out(store, 6)
     refused = await engine.complete_many([Completion(a.id, Outcome.success()) for a in parallel])
     assert refused == [None] * 6
     [join] = await claim_all(store, 1)  # queued once, not once per arrival
@@ -133,12 +136,8 @@ async def test_a_join_fired_by_results_recorded_together_fires_once(store: Store
 async def test_an_oversized_result_from_a_worker_fails_its_task_and_not_the_others(
     store: Store,
 ) -> None:
-    engine = Engine(store, limits=dataclasses.replace(DEFAULT_LIMITS, result_bytes=100))
-    await engine.register(workflows.fan_out("fan", 2))
-    fan = await engine.run("fan")
-    [start] = await claim_all(store, 1)
-    await engine.complete(start.id, Outcome.success())
-    [p0, p1] = await claim_all(store, 2)
+    limits = dataclasses.replace(DEFAULT_LIMITS, result_bytes=100)
+    engine, fan, [p0, p1] = await fanned_out(store, 2, Engine(store, limits=limits))
     big = Outcome.success("x" * 1000)
     # From a caller (TaskComplete) the result is refused; from a worker it fails the task.
     refused = await engine.complete_many([Completion(p0.id, big), Completion(p1.id, big)])

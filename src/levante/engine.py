@@ -902,13 +902,13 @@ class _Written:
     tasks: dict[TaskId, TaskRecord] = field(default_factory=dict)
     assignments: dict[AssignmentId, AssignmentRecord] = field(default_factory=dict)
     disturbed: set[ExecutionId] = field(default_factory=set)
-    _tasks_of: dict[ExecutionId, dict[TaskId, TaskRecord]] = field(default_factory=dict)
+    _task_ids_of: dict[ExecutionId, set[TaskId]] = field(default_factory=dict)
 
     def note(self, decision: Decision) -> None:
         self.executions[decision.execution.id] = decision.execution
         for task in decision.tasks:
             self.tasks[task.id] = task
-            self._tasks_of.setdefault(task.execution_id, {})[task.id] = task
+            self._task_ids_of.setdefault(task.execution_id, set()).add(task.id)
         for assignment in decision.assignments:
             self.assignments[assignment.id] = assignment
 
@@ -917,8 +917,8 @@ class _Written:
     ) -> dict[str, TaskRecord]:
         """``latest_tasks`` of ``names``: the rows read, overlaid with those written."""
         found = {name: task for name, task in read.items() if name in names}
-        for task in self._tasks_of.get(execution_id, {}).values():
-            task = self.tasks[task.id]  # a noted task replaces the decision's version
+        for task_id in self._task_ids_of.get(execution_id, ()):
+            task = self.tasks[task_id]  # the newest version written (a noted task too)
             if task.name in names:
                 known = found.get(task.name)
                 if known is None or known.seq <= task.seq:

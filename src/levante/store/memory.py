@@ -23,6 +23,7 @@ from levante.core.model import (
 )
 from levante.errors import RequestIdTakenError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
+from levante.store import point_reads
 from levante.store.base import WAITING_FOR_WORKER, StoredDefinition
 
 
@@ -138,33 +139,19 @@ class MemoryTransaction:
     async def get_assignments(
         self, assignment_ids: Collection[AssignmentId]
     ) -> dict[AssignmentId, AssignmentRecord]:
-        found = {}
-        mine, theirs = self.assignments, self._t.assignments
-        for assignment_id in assignment_ids:
-            assignment = mine.get(assignment_id) or theirs.get(assignment_id)
-            if assignment is not None:
-                found[assignment_id] = assignment
-        return found
+        return await point_reads.each_found(self.get_assignment, assignment_ids)
 
     async def lock_executions(
         self, execution_ids: Collection[ExecutionId]
     ) -> dict[ExecutionId, ExecutionRecord]:
-        found = {}
-        for execution_id in sorted(execution_ids):
-            execution = self._execution(execution_id)
-            if execution is not None:
-                found[execution_id] = execution
-        return found
+        return await point_reads.each_found(self.lock_execution, sorted(execution_ids))
 
     async def tasks_and_latest(
         self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
     ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
-        by_id = {}
-        for task_id in task_ids:
-            task = self._task(task_id)
-            if task is not None:
-                by_id[task_id] = task
-        return by_id, {e: await self.latest_tasks(e, names) for e, names in latest.items()}
+        return await point_reads.tasks_and_latest(
+            self.get_task, self.latest_tasks, task_ids, latest
+        )
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         for a in assignments:

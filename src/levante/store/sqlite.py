@@ -40,7 +40,7 @@ from levante.core.model import (
 )
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
-from levante.store import rows
+from levante.store import point_reads, rows
 from levante.store.base import SCHEMA_VERSION, WAITING_FOR_WORKER, StoredDefinition
 
 MIGRATIONS: dict[int, str] = {
@@ -315,37 +315,19 @@ class SqliteTransaction:
     async def get_assignments(
         self, assignment_ids: Collection[AssignmentId]
     ) -> dict[AssignmentId, AssignmentRecord]:
-        found = {}
-        for assignment_id in assignment_ids:  # in-process: a statement each costs little
-            row = self._one(
-                f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,)
-            )
-            if row is not None:
-                found[assignment_id] = rows.assignment_from_row(row)
-        return found
+        return await point_reads.each_found(self.get_assignment, assignment_ids)
 
     async def lock_executions(
         self, execution_ids: Collection[ExecutionId]
     ) -> dict[ExecutionId, ExecutionRecord]:
-        found = {}
-        for execution_id in sorted(execution_ids):
-            execution = await self.lock_execution(execution_id)
-            if execution is not None:
-                found[execution_id] = execution
-        return found
+        return await point_reads.each_found(self.lock_execution, sorted(execution_ids))
 
     async def tasks_and_latest(
         self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
     ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
-        newest = {e: await self.latest_tasks(e, names) for e, names in latest.items()}
-        # A task asked for by id is nearly always the newest of its name, read already.
-        known = {t.id: t for tasks in newest.values() for t in tasks.values()}
-        by_id = {}
-        for task_id in task_ids:
-            task = known.get(task_id) or await self.get_task(task_id)
-            if task is not None:
-                by_id[task_id] = task
-        return by_id, newest
+        return await point_reads.tasks_and_latest(
+            self.get_task, self.latest_tasks, task_ids, latest
+        )
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         if assignments:
