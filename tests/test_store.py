@@ -704,8 +704,10 @@ async def test_a_released_assignment_keeps_its_place_in_the_queue(store: Store) 
     [oldest] = await store.claim_assignments("w1", {"act"}, 1, 500.0)
     assert oldest.id == ids[0]
     assert await store.release_assignments("w1") == 1
+    [first] = await store.claim_assignments("w2", {"act"}, 1, 500.0)
+    assert first.id == ids[0]  # ahead of the ones queued after it
     again = await store.claim_assignments("w2", {"act"}, 3, 500.0)
-    assert [a.id for a in again] == ids
+    assert [a.id for a in again] == ids[1:]
 
 
 async def test_claim_honours_targets(store: Store) -> None:

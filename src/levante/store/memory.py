@@ -38,17 +38,31 @@ class _Tables:
         self.request_ids: dict[str, ExecutionId] = {}
         self.timers: dict[str, TimerRecord] = {}
         self.history: list[HistoryEntry] = []
-        # QUEUED assignment ids in queue order, so that claims do not scan everything.
+        # QUEUED assignment ids in queue order (the order the assignments were first
+        # stored, as SQLite's rowid and PostgreSQL's seq), so that a claim reads only
+        # as far as it takes.
         self.queued: dict[AssignmentId, None] = {}
+        self.ordinals: dict[AssignmentId, int] = {}  # queue order of every assignment
+        self.queue_unsorted = False
         self.actions: dict[str, float] = {}  # the catalogue: name -> online_until
         self.notes: dict[TaskId, str] = {}  # tasks noted as waiting for a worker -> action
 
     def put_assignment(self, assignment: AssignmentRecord) -> None:
-        self.assignments[assignment.id] = assignment
-        if assignment.state == AssignmentState.QUEUED:
-            self.queued.setdefault(assignment.id, None)
-        else:
-            self.queued.pop(assignment.id, None)
+        key = assignment.id
+        self.assignments[key] = assignment
+        ordinal = self.ordinals.setdefault(key, len(self.ordinals))
+        if assignment.state != AssignmentState.QUEUED:
+            self.queued.pop(key, None)
+        elif key not in self.queued:
+            if self.queued and self.ordinals[next(reversed(self.queued))] > ordinal:
+                self.queue_unsorted = True  # back in the queue (resumed, released)
+            self.queued[key] = None
+
+    def queue_in_order(self) -> dict[AssignmentId, None]:
+        if self.queue_unsorted:
+            self.queued = dict.fromkeys(sorted(self.queued, key=self.ordinals.__getitem__))
+            self.queue_unsorted = False
+        return self.queued
 
 
 class MemoryTransaction:
@@ -168,15 +182,26 @@ class MemoryTransaction:
         if limit <= 0 or not actions:
             return []
         own = self.assignments  # this transaction's own view wins
-        queued = self._t.queued
-        rows = [own.get(i) or self._t.assignments[i] for i in queued]
-        rows += [a for i, a in own.items() if i not in queued]
-        takes = [
-            a for a in rows
-            if a.state == AssignmentState.QUEUED and a.action in actions
-            and (a.target is None or a.target in targets)
-        ]  # fmt: skip
-        takes.sort(key=lambda a: a.created_at)  # stable: FIFO
+        queued, stored, ordinals = self._t.queue_in_order(), self._t.assignments, self._t.ordinals
+
+        def claimable(a: AssignmentRecord) -> bool:
+            return (
+                a.state == AssignmentState.QUEUED and a.action in actions
+                and (a.target is None or a.target in targets)
+            )  # fmt: skip
+
+        takes: list[AssignmentRecord] = []
+        for assignment_id in queued:  # in queue order: stop once enough are found
+            a = own.get(assignment_id) or stored[assignment_id]
+            if claimable(a):
+                takes.append(a)
+                if len(takes) == limit:
+                    break
+        mine = [a for i, a in own.items() if i not in queued and claimable(a)]
+        if mine:  # queued by this transaction: in queue order, new ones last
+            takes += mine
+            unstored = len(ordinals)
+            takes.sort(key=lambda a: ordinals.get(a.id, unstored))  # stable
         claimed: list[AssignmentRecord] = []
         for a in takes[:limit]:
             leased = replace(
