@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import socket
 import sys
@@ -27,6 +28,7 @@ from levante.worker import (
     load_action_modules,
     serve_worker,
 )
+from levante.worker.registry import ActionSpec
 from levante.worker.runtime import default_worker_id
 from levante.worker.std import FAIL_MESSAGE, std_actions
 
@@ -773,3 +775,29 @@ async def test_a_result_too_big_for_a_message_fails_the_task(engine: Engine) -> 
         error = await engine.fake.error("t-huge")
     assert error["type"] == "ResultTooLarge"
     assert "u.huge" in error["message"]
+
+
+def test_an_actions_argument_check_agrees_with_signature_bind() -> None:
+    """The quick check before a call (ActionSpec.takes) never accepts arguments that
+    Signature.bind would refuse, and refuses only what bind refuses (so the TypeError a
+    worker reports names what is wrong)."""
+
+    def plain(a: int, b: int = 1, *, c: int, d: int = 2) -> None: ...
+    def positional_first(a: int, /, b: int = 1, **rest: int) -> None: ...
+    def anything(*args: int, **rest: int) -> None: ...
+    def optional_positional(a: int = 1, /, b: int = 2) -> None: ...
+    def nothing() -> None: ...
+    def star_between(a: int, *rest: int, b: int) -> None: ...
+
+    names = ["a", "b", "c", "d", "e"]
+    for fn in (plain, positional_first, anything, optional_positional, nothing, star_between):
+        spec = ActionSpec.build("t.x", fn, deferred=False)
+        for k in range(len(names) + 1):
+            for chosen in itertools.combinations(names, k):
+                kwargs = dict.fromkeys(chosen, 1)
+                try:
+                    spec.signature.bind(**kwargs)
+                    binds = True
+                except TypeError:
+                    binds = False
+                assert spec.takes(kwargs) == binds, (fn.__name__, chosen)

@@ -69,10 +69,11 @@ async def invoke_action(
                 "receives the action context",
             )
         kwargs[CONTEXT_PARAMETER] = context
-    try:
-        spec.signature.bind(**kwargs)
-    except TypeError as exc:
-        return Invocation.error("TypeError", f"{spec.name}: {exc}")
+    if not spec.takes(kwargs):
+        try:
+            spec.signature.bind(**kwargs)
+        except TypeError as exc:
+            return Invocation.error("TypeError", f"{spec.name}: {exc}")
     try:
         value = await _call(spec, kwargs, executor)
     except asyncio.CancelledError:

@@ -24,7 +24,7 @@ import inspect
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Final, TypeVar, overload
@@ -102,6 +102,18 @@ class ActionSpec:
     is_async: bool
     deferred: bool
     wants_context: bool
+    # What keyword arguments the signature takes, so that a call's arguments are
+    # checked without Signature.bind (which costs more than many actions do).
+    keywords: frozenset[str] = frozenset()
+    required: frozenset[str] = frozenset()
+    any_keyword: bool = False
+
+    def takes(self, names: Collection[str]) -> bool:
+        """Whether keyword arguments called ``names`` bind to the signature; False may
+        also mean "ask Signature.bind" (a required positional-only parameter)."""
+        if not self.required.issubset(names):
+            return False
+        return self.any_keyword or self.keywords.issuperset(names)
 
     @classmethod
     def build(cls, name: str, fn: Callable[..., Any], *, deferred: bool) -> ActionSpec:
@@ -118,7 +130,19 @@ class ActionSpec:
         is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
             getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
         )
-        return cls(name, fn, signature, is_async, deferred, wants_context)
+        by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        params = signature.parameters.values()
+        keywords = frozenset(p.name for p in params if p.kind in by_keyword)
+        required = frozenset(
+            p.name for p in params
+            if p.default is inspect.Parameter.empty
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        )  # fmt: skip
+        any_keyword = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+        if any(p.kind == inspect.Parameter.POSITIONAL_ONLY for p in params if p.name in required):
+            keywords, any_keyword = frozenset(), False  # no call by keyword binds: bind says why
+        return cls(name, fn, signature, is_async, deferred, wants_context,
+                   keywords, required, any_keyword)  # fmt: skip
 
 
 def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
