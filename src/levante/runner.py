@@ -21,8 +21,8 @@ from typing import Any
 
 from levante.client import ExecutionInfo, TaskInfo
 from levante.core.model import AssignmentRecord, ExecutionRecord, Outcome, TaskRecord
-from levante.dispatch import Dispatcher, WorkerSession
-from levante.engine import Engine
+from levante.dispatch import MAX_RESULTS_PER_TRANSACTION, Dispatcher, WorkerSession
+from levante.engine import Completion, Engine
 from levante.errors import LevanteError
 from levante.ids import ExecutionId
 from levante.store import store_for
@@ -112,6 +112,9 @@ class LocalEngine:
         self._concurrency = concurrency
         self._session: WorkerSession | None = None
         self._running: set[asyncio.Task[None]] = set()
+        # Results not yet recorded, and whether a task is recording them (_report).
+        self._unrecorded: list[tuple[Completion, ExecutionId]] = []
+        self._recording = False
         self._waiters: dict[ExecutionId, list[asyncio.Future[object]]] = {}
 
     async def __aenter__(self) -> LocalEngine:
@@ -214,15 +217,37 @@ class LocalEngine:
         invocation = await invoke_action(
             self.registry, assignment.action, assignment.input, context
         )
+        if not invocation.deferred:
+            outcome = Outcome(invocation.ok, invocation.value)
+            await self._report(Completion(assignment.id, outcome), assignment.execution_id)
+            return
         try:
-            if invocation.deferred:
-                await self.dispatcher.defer(self._session, assignment.id)
-            else:
-                outcome = Outcome(invocation.ok, invocation.value)
-                await self.dispatcher.result(self._session, assignment.id, outcome)
+            await self.dispatcher.defer(self._session, assignment.id)
         except LevanteError:
             pass  # decided already (a duplicate); nothing to do
         await self._check_final(assignment.execution_id)
+
+    async def _report(self, completion: Completion, execution_id: ExecutionId) -> None:
+        """Record a result together with the others that end in the same turn of the
+        loop, as a remote worker sends the results it has in one message: a fan-out's
+        branches share transactions. The first of them records; the rest return."""
+        assert self._session is not None
+        self._unrecorded.append((completion, execution_id))
+        if self._recording:
+            return
+        self._recording = True
+        try:
+            if len(self._running) > 1:  # other actions that end in this turn report too
+                await asyncio.sleep(0)
+            while self._unrecorded:
+                batch = self._unrecorded[:MAX_RESULTS_PER_TRANSACTION]
+                del self._unrecorded[:MAX_RESULTS_PER_TRANSACTION]
+                # Refusals (a result decided already, a duplicate) leave nothing to do.
+                await self.dispatcher.results(self._session, [c for c, _ in batch])
+                for execution_id in dict.fromkeys(e for _, e in batch):
+                    await self._check_final(execution_id)
+        finally:
+            self._recording = False
 
     async def complete(self, task_id: str, outcome: Outcome) -> None:
         """Complete a deferred assignment from outside (as Engine.TaskComplete does)."""
