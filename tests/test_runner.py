@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import levante
+from levante.bench import workflows
 from levante.runner import LocalEngine
 
 DEFINITION = """
@@ -84,3 +86,26 @@ async def test_works_inside_a_running_event_loop_too() -> None:
         results = await asyncio.gather(*(local.run("pipeline", {"numbers": [i]})
                                          for i in range(1, 21)))  # fmt: skip
     assert [r.output["total"] for r in results] == list(range(1, 21))
+
+
+async def test_results_that_end_together_are_recorded_together() -> None:
+    """The in-process worker records the results of one turn of the loop in one engine
+    transaction, as a remote worker sends them in one message: a fan-out of 50 branches
+    costs a few transactions, not 50; and each branch is still recorded exactly once."""
+    async with LocalEngine(concurrency=64) as local:
+        recorded: list[int] = []
+        complete_many = local.engine.complete_many
+
+        async def counting(completions: Any, **kwargs: Any) -> Any:
+            recorded.append(len(completions))
+            return await complete_many(completions, **kwargs)
+
+        local.engine.complete_many = counting  # type: ignore[method-assign]
+        await local.register(workflows.fan_out("fan", 50))
+        result = await local.run("fan")
+    assert result.ok
+    assert sum(recorded) == 52  # the start, 50 branches, the join: each once
+    assert max(recorded) == 50 and len(recorded) == 3
+    assert sorted(t.name for t in result.tasks) == sorted(
+        ["start", "join", *(f"p{i}" for i in range(50))]
+    )
