@@ -85,9 +85,8 @@ def _new_task(
 
 def _needed(step: Step, name: str) -> int:
     task_spec = step.spec.task(name)
-    inbound = step.spec.inbound_task_names(name)
     if step.spec.type == "reverse" or task_spec.join == "all":
-        return len(set(inbound))
+        return len(step.spec.inbound_task_names(name))
     if task_spec.join == "one":
         return 1
     assert isinstance(task_spec.join, int)
@@ -113,8 +112,9 @@ def _arrive(step: Step, name: str, context: Mapping[str, Any], arrived_from: str
         arrivals=(*waiting.arrivals, arrived_from),
         in_context=merge_by_version(waiting.in_context, context),
     )
-    if len(set(waiting.arrivals)) < _needed(step, name):
-        return
+    needed = _needed(step, name)
+    if len(waiting.arrivals) < needed or len(set(waiting.arrivals)) < needed:
+        return  # (the count first: the set only once enough may have arrived)
     step.update_execution(
         waiting_tasks=step.execution.waiting_tasks - 1,
         active_tasks=step.execution.active_tasks + 1,

@@ -190,7 +190,7 @@ class WorkflowSpec:
             else:
                 for target in task.next_task_names():
                     inbound[target].append(task.name)
-        return {name: tuple(names) for name, names in inbound.items()}
+        return {name: tuple(dict.fromkeys(names)) for name, names in inbound.items()}
 
     @cached_property
     def _dependents(self) -> dict[str, tuple[str, ...]]:
@@ -202,7 +202,8 @@ class WorkflowSpec:
         return {name: tuple(names) for name, names in dependents.items()}
 
     def inbound_task_names(self, name: str) -> tuple[str, ...]:
-        """Tasks that lead to ``name``: its transitions' sources, or its requires (reverse)."""
+        """Tasks that lead to ``name``: its transitions' sources, or its requires (reverse);
+        each once."""
         return self._inbound.get(name, ())
 
     def dependent_task_names(self, name: str) -> tuple[str, ...]:

@@ -93,10 +93,16 @@ async def invoke_action(
     return _checked(Invocation(True, value), spec)
 
 
+_STRICT_JSON = json.JSONEncoder(allow_nan=False)
+_ALWAYS_JSON = (type(None), bool, int, str)  # no NaN, nothing that needs a look inside
+
+
 def _checked(invocation: Invocation, spec: ActionSpec) -> Invocation:
     """Values must survive JSON (no NaN, no objects); otherwise the call failed."""
+    if type(invocation.value) in _ALWAYS_JSON:
+        return invocation
     try:
-        json.dumps(invocation.value, allow_nan=False)
+        _STRICT_JSON.encode(invocation.value)
     except (TypeError, ValueError, RecursionError) as exc:
         what = "returned a value" if invocation.ok else "failed with error data"
         message = f"{spec.name} {what} that is not JSON: {exc}"
@@ -113,6 +119,7 @@ async def _call(spec: ActionSpec, kwargs: dict[str, Any], executor: Executor | N
         value = await loop.run_in_executor(
             executor, functools.partial(context.run, spec.fn, **kwargs)
         )
-    if inspect.isawaitable(value):  # a plain function that returned a coroutine
+    if type(value) not in _ALWAYS_JSON and inspect.isawaitable(value):
+        # a plain function that returned a coroutine
         value = await value
     return value
