@@ -168,11 +168,13 @@ class ActionRegistry:
         Registering another function under a taken name raises ``ValueError``;
         registering the same definition again (a module imported twice) replaces it.
         """
-        spec = ActionSpec.build(name, fn, deferred=deferred)
-        existing = self._specs.get(name)
-        if existing is not None and not _same_definition(existing.fn, fn):
-            raise ValueError(f"action {name!r} is already registered to {existing.fn!r}")
-        self._specs[name] = spec
+        return self._add(ActionSpec.build(name, fn, deferred=deferred))
+
+    def _add(self, spec: ActionSpec) -> ActionSpec:
+        existing = self._specs.get(spec.name)
+        if existing is not None and not _same_definition(existing.fn, spec.fn):
+            raise ValueError(f"action {spec.name!r} is already registered to {existing.fn!r}")
+        self._specs[spec.name] = spec
         return spec
 
     def unregister(self, name: str) -> None:
@@ -209,7 +211,7 @@ class ActionRegistry:
     def include(self, other: ActionRegistry) -> ActionRegistry:
         """Registers every action of ``other`` here; returns ``self``."""
         for spec in other._specs.values():
-            self.register(spec.name, spec.fn, deferred=spec.deferred)
+            self._add(spec)  # specs are immutable: shared, not inspected again
         return self
 
     def get(self, name: str) -> ActionSpec | None:
