@@ -902,13 +902,17 @@ class _Written:
     tasks: dict[TaskId, TaskRecord] = field(default_factory=dict)
     assignments: dict[AssignmentId, AssignmentRecord] = field(default_factory=dict)
     disturbed: set[ExecutionId] = field(default_factory=set)
-    _task_ids_of: dict[ExecutionId, set[TaskId]] = field(default_factory=dict)
+    # The newest task written under each (execution, task name): its id.
+    _newest: dict[tuple[ExecutionId, str], TaskId] = field(default_factory=dict)
 
     def note(self, decision: Decision) -> None:
         self.executions[decision.execution.id] = decision.execution
         for task in decision.tasks:
             self.tasks[task.id] = task
-            self._task_ids_of.setdefault(task.execution_id, set()).add(task.id)
+            key = (task.execution_id, task.name)
+            newest = self._newest.get(key)
+            if newest is None or self.tasks[newest].seq <= task.seq:
+                self._newest[key] = task.id
         for assignment in decision.assignments:
             self.assignments[assignment.id] = assignment
 
@@ -916,13 +920,16 @@ class _Written:
         self, execution_id: ExecutionId, names: Collection[str], read: Mapping[str, TaskRecord]
     ) -> dict[str, TaskRecord]:
         """``latest_tasks`` of ``names``: the rows read, overlaid with those written."""
-        found = {name: task for name, task in read.items() if name in names}
-        for task_id in self._task_ids_of.get(execution_id, ()):
-            task = self.tasks[task_id]  # the newest version written (a noted task too)
-            if task.name in names:
-                known = found.get(task.name)
-                if known is None or known.seq <= task.seq:
-                    found[task.name] = task
+        found: dict[str, TaskRecord] = {}
+        for name in names:
+            task = read.get(name)
+            newest = self._newest.get((execution_id, name))
+            if newest is not None:
+                written = self.tasks[newest]  # its newest version (a noted task too)
+                if task is None or task.seq <= written.seq:
+                    task = written
+            if task is not None:
+                found[name] = task
         return found
 
 

@@ -1666,6 +1666,8 @@ class _Evaluation:
         return value
 
 
+_SCALARS: Final = frozenset({type(None), bool, int, float})
+
 #: What :func:`literal` returns for a value that holds an expression.
 HAS_EXPRESSION: Final = object()
 
@@ -1674,9 +1676,12 @@ def literal(value: Any) -> Any:
     """What :func:`evaluate` returns for ``value`` when it holds no expression (a new
     copy: mappings become dicts, tuples lists), without a context; else HAS_EXPRESSION.
     Most values a decision evaluates (action names, inputs, params) hold none."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind in _SCALARS:  # the common cases first, before any isinstance() of an ABC
+        return value
+    if kind is str or isinstance(value, str):
         return HAS_EXPRESSION if is_expression(value) else value
-    if isinstance(value, Mapping):
+    if kind is dict or isinstance(value, Mapping):
         copy: dict[Any, Any] = {}
         for key, item in value.items():
             item = literal(item)
