@@ -255,11 +255,12 @@ def _start(step: Step, task: TaskRecord) -> None:
         _start_items(step, task, task_spec)
         return
     attempt = task.attempt + 1  # 1, or the next one when the task is rerun
-    first = make_assignment(step, task, attempt=attempt, item=None, item_context={})
-    if first is None:
+    made = make_assignment(step, task, attempt=attempt, item=None, item_context={})
+    if made is None:
         return  # an inline noop: finished through a follow-up
+    first, action = made
     step.put_task(step.current(task), state=TaskState.RUNNING, attempt=attempt,
-                  assignment_id=first.id)  # fmt: skip
+                  assignment_id=first.id, action=action)  # fmt: skip
     release(step, first)
 
 
@@ -292,8 +293,11 @@ def _start_items(step: Step, task: TaskRecord, task_spec: TaskSpec) -> None:
         return
     for index in range(count):
         item_context = {name: values[index] for name, values in lists}
-        assignment = make_assignment(step, task, attempt, item=index, item_context=item_context)
-        assert assignment is not None
+        made = make_assignment(step, task, attempt, item=index, item_context=item_context)
+        assert made is not None
+        assignment, action = made
+        if action != step.current(task).action:  # the action the task asked for
+            step.put_task(step.current(task), action=action)
         if index < limit:
             release(step, assignment)
         else:
@@ -312,8 +316,10 @@ def make_assignment(
     attempt: int,
     item: int | None,
     item_context: Mapping[str, Any],
-) -> AssignmentRecord | None:
-    """The assignment for one try of one item (not yet queued), or None for an inline noop.
+) -> tuple[AssignmentRecord, str | None] | None:
+    """The assignment for one try of one item (not yet queued) and the name of the
+    action the task asked for (before ad-hoc actions resolve to their base), or None for
+    an inline noop.
 
     The item's variables are visible to the task's expressions (action, input, target).
     """
@@ -346,20 +352,19 @@ def make_assignment(
             execution_id=task.execution_id, task_name=task.name, action=name,
             input=action_input, attempt=attempt, state=AssignmentState.CHILD,
             created_at=step.now, item=item,
-        )  # fmt: skip
+        ), step.current(task).action  # fmt: skip
     action = NOOP_ACTION if task_spec.runs_noop else step.evaluate(task_spec.action, data, task)
     if not isinstance(action, str) or not action:
         raise TaskStartError(f"action name {action!r} is not a name")
     base, base_input = resolve_adhoc(step, action, action_input)
     deadline = step.current(task).runtime.get("deadline")
-    step.put_task(step.current(task), action=action)  # the name the task asked for
     return AssignmentRecord(
         id=assignment_id(task, item, attempt), task_id=task.id, execution_id=task.execution_id,
         task_name=task.name, action=base, input=base_input, attempt=attempt,
         state=AssignmentState.QUEUED, created_at=step.now, item=item,
         target=None if target is None else str(target),
         deadline=None if deadline is None else float(deadline),
-    )  # fmt: skip
+    ), action  # fmt: skip
 
 
 def release(step: Step, assignment: AssignmentRecord) -> None:
