@@ -7,6 +7,7 @@ and applied at commit, so a failed transaction leaves nothing behind, as with SQ
 from __future__ import annotations
 
 import asyncio
+import bisect
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
@@ -37,7 +38,10 @@ class _Tables:
         self.latest: dict[tuple[ExecutionId, str], TaskId] = {}
         self.request_ids: dict[str, ExecutionId] = {}
         self.timers: dict[str, TimerRecord] = {}
+        # Every execution's history in one sequence (an entry's seq is its place + 1,
+        # given when read), and where each execution's entries are in it.
         self.history: list[HistoryEntry] = []
+        self.history_seqs: dict[ExecutionId, list[int]] = {}
         # QUEUED assignment ids in queue order (the order the assignments were first
         # stored, as SQLite's rowid and PostgreSQL's seq), so that a claim reads only
         # as far as it takes.
@@ -302,7 +306,8 @@ class MemoryTransaction:
     def commit(self) -> None:
         t = self._t
         for seq, entry in enumerate(self.new_history, len(t.history) + 1):
-            t.history.append(replace(entry, seq=seq))
+            t.history.append(entry)
+            t.history_seqs.setdefault(entry.execution_id, []).append(seq)
         for timer_id in self.gone_timers:
             t.timers.pop(timer_id, None)
         t.timers.update(self.new_timers)
@@ -412,8 +417,9 @@ class MemoryStore:
     async def history(
         self, execution_id: ExecutionId, after_seq: int = 0, limit: int = 10_000
     ) -> list[HistoryEntry]:
-        found = [h for h in self._t.history if h.execution_id == execution_id and h.seq > after_seq]
-        return found[:limit]
+        seqs = self._t.history_seqs.get(execution_id, [])
+        first = bisect.bisect_right(seqs, after_seq)
+        return [replace(self._t.history[seq - 1], seq=seq) for seq in seqs[first:first + limit]]
 
     async def claim_assignments(
         self,
