@@ -104,9 +104,17 @@ class _WorkflowIndex:
     spec: WorkflowSpec
     referenced: frozenset[str]  # task names read by task('x') expressions
     waiting_successors: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    _names: dict[str, frozenset[str]] = field(default_factory=dict, compare=False)
 
-    def names_to_load(self, task_name: str) -> set[str]:
-        return {task_name, *self.waiting_successors.get(task_name, ()), *self.referenced}
+    def names_to_load(self, task_name: str) -> frozenset[str]:
+        """The tasks whose latest rows a decision about ``task_name`` reads."""
+        names = self._names.get(task_name)
+        if names is None:
+            names = frozenset(
+                {task_name, *self.waiting_successors.get(task_name, ()), *self.referenced}
+            )
+            self._names[task_name] = names
+        return names
 
 
 # What _index derives from a parsed workflow, by the spec object (parsed documents are
