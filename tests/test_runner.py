@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 import levante
 from levante.bench import workflows
@@ -109,3 +112,23 @@ async def test_results_that_end_together_are_recorded_together() -> None:
     assert sorted(t.name for t in result.tasks) == sorted(
         ["start", "join", *(f"p{i}" for i in range(50))]
     )
+
+
+def test_a_run_that_takes_too_long_raises_timeout_error() -> None:
+    slow = """
+version: '2.0'
+slow:
+  tasks:
+    wait:
+      action: test.block
+"""
+    release = threading.Event()
+
+    def block() -> None:
+        release.wait(10)
+
+    try:
+        with pytest.raises(TimeoutError):
+            levante.run_workflow(slow, actions={"test.block": block}, timeout=0.2)
+    finally:
+        release.set()

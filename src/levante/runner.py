@@ -305,7 +305,8 @@ def run_workflow(
     ``definition`` is Mistral v2 YAML; ``workflow`` may be omitted when it defines
     one workflow; ``actions`` maps action names to plain or async functions (or is an
     ActionRegistry), served next to the std actions. Works whether or not the caller
-    has an event loop running: the engine runs on a loop thread of its own.
+    has an event loop running: called from inside one, the engine runs on a loop thread
+    of its own. ``timeout`` (seconds) raises TimeoutError when the run takes longer.
     """
 
     async def go() -> ExecutionResult:
@@ -318,6 +319,17 @@ def run_workflow(
                 name = names[0]
             return await local.run(name, input, params=params)
 
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # no loop runs in this thread: run one here (no thread to start)
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(asyncio.wait_for(go(), timeout))
+        finally:
+            # Not asyncio.run: its end waits for actions still running on threads,
+            # which a timeout has given up on.
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
     runner = _LoopThread()
     try:
         future: Future[ExecutionResult] = runner.submit(go())
