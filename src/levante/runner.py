@@ -221,10 +221,8 @@ class LocalEngine:
             outcome = Outcome(invocation.ok, invocation.value)
             await self._report(Completion(assignment.id, outcome), assignment.execution_id)
             return
-        try:
+        with contextlib.suppress(LevanteError):  # decided already (a duplicate): nothing to do
             await self.dispatcher.defer(self._session, assignment.id)
-        except LevanteError:
-            pass  # decided already (a duplicate); nothing to do
         await self._check_final(assignment.execution_id)
 
     async def _report(self, completion: Completion, execution_id: ExecutionId) -> None:

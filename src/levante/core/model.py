@@ -72,7 +72,7 @@ def quick_init(cls: type[R]) -> type[R]:
     exec(source, scope)  # our own field names only, as dataclasses itself does
     init = scope["__init__"]
     init.__qualname__ = f"{cls.__qualname__}.__init__"
-    cls.__init__ = init  # type: ignore[misc]
+    cls.__init__ = init  # type: ignore[method-assign]
     return cls
 
 
