@@ -609,3 +609,25 @@ async def test_health_follows_the_store(
                 for process in p.history:
                     process.terminate()
         await drop_database(url)
+
+
+async def test_waiting_for_an_execution_follows_its_changes_instead_of_polling(
+    store_url: str, started: list[EngineServer | Worker | LevanteProcess]
+) -> None:
+    # Client.wait follows WatchExecution and reads the status once, at the end: a status
+    # lists every task, and polling it would cost a large execution more at every step.
+    server = EngineServer(store_url, extra=["--metrics-listen", "127.0.0.1:0"]).start()
+    started.append(server)
+    url = metrics_url(server)
+    slow = "version: '2.0'\nslow:\n  tasks:\n    later:\n      wait-before: 0.5\n"
+    async with Client(server.address) as client:
+        await client.register_workflows(slow)
+        info = await client.wait(await client.run("slow"), timeout=30)
+    assert info.state == "SUCCESS" and info.tasks[0].state == "SUCCESS"
+
+    def calls(method: str) -> float:
+        rpc = (("code", "OK"), ("method", method), ("service", "levante.v1.Engine"))
+        return scrape(url).get(("levante_rpcs_total", rpc), 0)
+
+    wait_for(lambda: calls("WatchExecution") == 1, what="the watch to be counted")
+    assert calls("GetStatus") == 1  # the final status, not a poll every 50 ms

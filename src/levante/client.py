@@ -9,8 +9,8 @@ to verify the server) or a client certificate (``tls_cert=`` and ``tls_key=``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-import time
 from collections.abc import AsyncGenerator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,18 +281,27 @@ class Client:
         finally:
             call.cancel()
 
-    async def wait(
-        self, execution_id: str, timeout: float = 60.0, interval: float = 0.05
-    ) -> ExecutionInfo:
-        """Poll GetStatus until the execution is final; TimeoutError after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        while True:
+    async def wait(self, execution_id: str, timeout: float = 60.0) -> ExecutionInfo:
+        """The execution's status once it is final; TimeoutError after ``timeout``.
+
+        Follows WatchExecution, which pushes each change, rather than polling GetStatus:
+        a status lists every task, and polling it costs a large execution's engine more
+        with every step (a 10,000-step chain ran at 7.2 ms a step, not 3, while a client
+        polled it every 50 ms)."""
+        try:
+            async with asyncio.timeout(timeout), contextlib.aclosing(
+                self.watch(execution_id)
+            ) as events:
+                async for _ in events:
+                    pass  # the stream ends when the execution does
+        except TimeoutError:
             info = await self.get_status(execution_id)
-            if info.is_final:
-                return info
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"execution {execution_id} still {info.state} after {timeout}s")
-            await asyncio.sleep(interval)
+            if not info.is_final:
+                raise TimeoutError(
+                    f"execution {execution_id} still {info.state} after {timeout}s"
+                ) from None
+            return info
+        return await self.get_status(execution_id)
 
 
 class SyncClient:

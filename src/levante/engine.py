@@ -611,10 +611,15 @@ class Engine:
     async def get_status(
         self, execution_id: ExecutionId
     ) -> tuple[ExecutionRecord, list[TaskRecord]]:
+        execution = await self.get_execution(execution_id)
+        return execution, await self.store.list_tasks(execution_id)
+
+    async def get_execution(self, execution_id: ExecutionId) -> ExecutionRecord:
+        """The execution's row alone: one read, whatever the number of its tasks."""
         execution = await self.store.get_execution(execution_id)
         if execution is None:
             raise NotFoundError(f"execution '{execution_id}' not found")
-        return execution, await self.store.list_tasks(execution_id)
+        return execution
 
     async def list_executions(
         self, *, state: str | None = None, workflow: str | None = None, limit: int = 50,

@@ -202,7 +202,9 @@ class EngineService(pb_grpc.EngineServicer):
                     for entry in await self._engine.history(execution_id, last):
                         last = entry.seq
                         yield messages.history_event(entry)
-                    execution, _ = await self._engine.get_status(execution_id)
+                    # Whether it has ended: the row alone (reading its tasks after every
+                    # change would cost a large execution more with each step).
+                    execution = await self._engine.get_execution(execution_id)
                 for entry in await self._engine.history(execution_id, last):
                     yield messages.history_event(entry)
         except LevanteError as e:
