@@ -22,7 +22,7 @@ from typing import Any
 from levante.client import ExecutionInfo, TaskInfo
 from levante.core.model import AssignmentRecord, ExecutionRecord, Outcome, TaskRecord
 from levante.dispatch import MAX_RESULTS_PER_TRANSACTION, Dispatcher, WorkerSession
-from levante.engine import Completion, Engine
+from levante.engine import Completion, Engine, EngineListeners
 from levante.errors import LevanteError
 from levante.ids import ExecutionId
 from levante.store import store_for
@@ -148,6 +148,12 @@ class LocalEngine:
         await self.timekeeper.close()
         await self.dispatcher.close()
         await self.store.close()
+        # The engine's callbacks point back here (and at the dispatcher and timekeeper,
+        # which point at the engine): without them nothing of this run is in a cycle, and
+        # its rows are freed as soon as the caller drops the engine, not by a later
+        # garbage collection that would walk them all first.
+        self.engine.listeners = EngineListeners()
+        self._session = None
 
     async def register(self, definition: str) -> list[str]:
         return await self.engine.register(definition)
