@@ -13,6 +13,7 @@ import pytest
 import levante
 from levante.bench import workflows
 from levante.runner import LocalEngine
+from levante.worker import ActionRegistry
 
 DEFINITION = """
 version: '2.0'
@@ -156,3 +157,38 @@ def test_a_finished_run_leaves_nothing_for_the_garbage_collector() -> None:
         gc.garbage.clear()
         if was_enabled:
             gc.enable()
+
+
+async def test_a_chain_of_immediate_actions_leaves_the_loop_to_others() -> None:
+    """std.noop is immediate: the in-process worker runs it where it is delivered, and
+    one task records the chain's results one transaction after another. Between two
+    transactions the event loop serves everything else (here a ticker), and an
+    immediate action that waits fails its task instead of hanging."""
+    ticks = 0
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while not stop.is_set():
+            ticks += 1
+            await asyncio.sleep(0)
+
+    async def waits() -> None:
+        await asyncio.sleep(0)
+
+    registry = ActionRegistry()
+    registry.register("t.waits", waits, immediate=True)
+    async with LocalEngine(actions=registry) as local:
+        await local.register(workflows.chain("chain", 200))
+        await local.register(
+            "version: '2.0'\nbad:\n  tasks:\n    w:\n      action: t.waits\n"
+        )
+        running = asyncio.create_task(ticker())
+        result = await local.run("chain")
+        stop.set()
+        await running
+        assert result.ok and len(result.tasks) == 200
+        assert ticks >= 200  # at least once per step: no step starved the loop
+        bad = await local.run("bad")
+    assert bad.state == "ERROR"
+    assert "ImmediateActionWaited" in bad.task("w").state_info

@@ -28,7 +28,8 @@ from levante.worker import (
     load_action_modules,
     serve_worker,
 )
-from levante.worker.registry import ActionSpec
+from levante.worker.invoke import Invocation, invoke_now
+from levante.worker.registry import ActionException, ActionSpec
 from levante.worker.runtime import default_worker_id
 from levante.worker.std import FAIL_MESSAGE, std_actions
 
@@ -801,3 +802,51 @@ def test_an_actions_argument_check_agrees_with_signature_bind() -> None:
                 except TypeError:
                     binds = False
                 assert spec.takes(kwargs) == binds, (fn.__name__, chosen)
+
+
+def test_an_immediate_action_runs_here_and_now() -> None:
+    """invoke_now calls an action declared immediate on the spot (a plain function, or a
+    coroutine run to its end in one step), with the same errors as invoke_action; it
+    leaves every other action to invoke_action; one that waits after all fails."""
+    registry = ActionRegistry()
+    closed: list[str] = []
+
+    @registry.action("t.double", immediate=True)
+    async def double(x: int) -> int:
+        return 2 * x
+
+    @registry.action("t.plain", immediate=True)
+    def plain(x: int) -> int:
+        return x + 1
+
+    @registry.action("t.refuse", immediate=True)
+    def refuse() -> None:
+        raise ActionException("no", error_data={"why": "no"})
+
+    @registry.action("t.waits", immediate=True)
+    async def waits() -> None:
+        try:
+            await asyncio.sleep(0)
+        finally:
+            closed.append("waits")
+
+    @registry.action("t.ordinary")
+    async def ordinary() -> None:
+        return None
+
+    context = ActionContext(task_id="t", execution_id="e", task_name="n", attempt=1)
+    assert invoke_now(registry, "t.double", {"x": 4}, context) == Invocation(True, 8)
+    assert invoke_now(registry, "t.plain", {"x": 4}, context) == Invocation(True, 5)
+    assert invoke_now(registry, "t.refuse", {}, context) == Invocation(False, {"why": "no"})
+    bad = invoke_now(registry, "t.double", {"y": 1}, context)
+    assert bad is not None and bad.value["type"] == "TypeError"
+    waited = invoke_now(registry, "t.waits", {}, context)
+    assert waited is not None and waited.value["type"] == "ImmediateActionWaited"
+    assert closed == ["waits"]  # the coroutine was closed, not left suspended
+    assert invoke_now(registry, "t.ordinary", {}, context) is None
+    assert invoke_now(registry, "no.such", {}, context) is None
+    with pytest.raises(ValueError, match="deferred action cannot be immediate"):
+        registry.register("t.both", plain, deferred=True, immediate=True)
+    std = std_actions()
+    assert all(std.get(n).immediate for n in ("std.noop", "std.fail"))  # type: ignore[union-attr]
+    assert not std.get("std.echo").immediate  # type: ignore[union-attr]  # it may sleep

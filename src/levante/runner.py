@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +27,7 @@ from levante.errors import LevanteError
 from levante.ids import ExecutionId
 from levante.store import store_for
 from levante.timers import Timekeeper
-from levante.worker.invoke import invoke_action
+from levante.worker.invoke import Invocation, invoke_action, invoke_now
 from levante.worker.registry import ActionContext, ActionRegistry
 from levante.worker.std import std_actions
 
@@ -208,48 +208,69 @@ class LocalEngine:
     # -- the in-process worker
 
     async def _deliver(self, assignment: AssignmentRecord) -> None:
-        task = asyncio.create_task(self._execute(assignment))
+        invocation = invoke_now(
+            self.registry, assignment.action, assignment.input, _context_of(assignment)
+        )
+        if invocation is None or invocation.deferred:  # runs in a task of its own
+            self._start(self._execute(assignment, invocation))
+            return
+        # An immediate action has run already: its result waits for the recording task
+        # that this turn's deliveries share (started by the first of them).
+        completion = Completion(assignment.id, Outcome(invocation.ok, invocation.value))
+        if self._queue(completion, assignment.execution_id):
+            self._start(self._record_queued(wait_for_others=False))
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    async def _execute(self, assignment: AssignmentRecord) -> None:
+    async def _execute(
+        self, assignment: AssignmentRecord, invocation: Invocation | None = None
+    ) -> None:
         assert self._session is not None
-        context = ActionContext(
-            task_id=assignment.id,
-            execution_id=assignment.execution_id,
-            task_name=assignment.task_name,
-            attempt=assignment.attempt,
-        )
-        invocation = await invoke_action(
-            self.registry, assignment.action, assignment.input, context
-        )
+        if invocation is None:
+            invocation = await invoke_action(
+                self.registry, assignment.action, assignment.input, _context_of(assignment)
+            )
         if not invocation.deferred:
-            outcome = Outcome(invocation.ok, invocation.value)
-            await self._report(Completion(assignment.id, outcome), assignment.execution_id)
+            completion = Completion(assignment.id, Outcome(invocation.ok, invocation.value))
+            if self._queue(completion, assignment.execution_id):
+                # Other actions that end in this turn of the loop report too, first.
+                await self._record_queued(wait_for_others=len(self._running) > 1)
             return
         with contextlib.suppress(LevanteError):  # decided already (a duplicate): nothing to do
             await self.dispatcher.defer(self._session, assignment.id)
         await self._check_final(assignment.execution_id)
 
-    async def _report(self, completion: Completion, execution_id: ExecutionId) -> None:
-        """Record a result together with the others that end in the same turn of the
-        loop, as a remote worker sends the results it has in one message: a fan-out's
-        branches share transactions. The first of them records; the rest return."""
-        assert self._session is not None
+    def _queue(self, completion: Completion, execution_id: ExecutionId) -> bool:
+        """Queue a result to be recorded with the others that end in the same turn of
+        the loop, as a remote worker sends the results it has in one message: a
+        fan-out's branches share transactions. True when nobody is recording them yet:
+        the caller must (``_record_queued``)."""
         self._unrecorded.append((completion, execution_id))
         if self._recording:
-            return
+            return False
         self._recording = True
+        return True
+
+    async def _record_queued(self, *, wait_for_others: bool) -> None:
+        assert self._session is not None
         try:
-            if len(self._running) > 1:  # other actions that end in this turn report too
+            if wait_for_others:
                 await asyncio.sleep(0)
-            while self._unrecorded:
+            while True:
                 batch = self._unrecorded[:MAX_RESULTS_PER_TRANSACTION]
                 del self._unrecorded[:MAX_RESULTS_PER_TRANSACTION]
                 # Refusals (a result decided already, a duplicate) leave nothing to do.
                 await self.dispatcher.results(self._session, [c for c, _ in batch])
                 for execution_id in dict.fromkeys(e for _, e in batch):
                     await self._check_final(execution_id)
+                if not self._unrecorded:
+                    break
+                # More came meanwhile (immediate actions that the recording started run
+                # at once): the loop serves everything else between two transactions.
+                await asyncio.sleep(0)
         finally:
             self._recording = False
 
@@ -275,6 +296,15 @@ class LocalEngine:
             for future in self._waiters.pop(execution_id, []):
                 if not future.done():
                     future.set_result(execution_id)
+
+
+def _context_of(assignment: AssignmentRecord) -> ActionContext:
+    return ActionContext(
+        task_id=assignment.id,
+        execution_id=assignment.execution_id,
+        task_name=assignment.task_name,
+        attempt=assignment.attempt,
+    )
 
 
 class _LoopThread:

@@ -51,6 +51,58 @@ async def invoke_action(
     executor: Executor | None = None,
 ) -> Invocation:
     """Run ``action`` with ``action_input`` (a JSON object) as keyword arguments."""
+    prepared = _prepare(registry, action, action_input, context)
+    if isinstance(prepared, Invocation):
+        return prepared
+    spec, kwargs = prepared
+    try:
+        value = await _call(spec, kwargs, executor)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+        return Invocation.error("CancelledError", f"{spec.name} was cancelled")
+    except Exception as exc:
+        return _failed(spec, exc)
+    return _returned(spec, value)
+
+
+def invoke_now(
+    registry: ActionRegistry, action: str, action_input: Any, context: ActionContext
+) -> Invocation | None:
+    """Call an immediate action here and now, on the caller's thread, without a task: a
+    plain function, or a coroutine run to its end in one step. None when ``action`` is
+    not immediate (``invoke_action`` runs it). A coroutine that waits after all fails."""
+    spec = registry.get(action)
+    if spec is None or not spec.immediate:
+        return None
+    prepared = _prepare(registry, action, action_input, context)
+    if isinstance(prepared, Invocation):
+        return prepared
+    spec, kwargs = prepared
+    try:
+        value = spec.fn(**kwargs)
+        if inspect.iscoroutine(value):
+            try:
+                value.send(None)
+            except StopIteration as done:
+                value = done.value
+            else:
+                value.close()
+                return Invocation.error(
+                    "ImmediateActionWaited",
+                    f"{spec.name} is declared immediate but waited: declare it without "
+                    "immediate=True",
+                )
+    except Exception as exc:
+        return _failed(spec, exc)
+    return _returned(spec, value)
+
+
+def _prepare(
+    registry: ActionRegistry, action: str, action_input: Any, context: ActionContext
+) -> tuple[ActionSpec, dict[str, Any]] | Invocation:
+    """The action and its keyword arguments, or the error that ends the call first."""
     spec = registry.get(action)
     if spec is None:
         return Invocation.error("ActionNotFound", f"action {action!r} is not served here")
@@ -74,20 +126,19 @@ async def invoke_action(
             spec.signature.bind(**kwargs)
         except TypeError as exc:
             return Invocation.error("TypeError", f"{spec.name}: {exc}")
-    try:
-        value = await _call(spec, kwargs, executor)
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if current is not None and current.cancelling():
-            raise
-        return Invocation.error("CancelledError", f"{spec.name} was cancelled")
-    except ActionException as exc:
+    return spec, kwargs
+
+
+def _failed(spec: ActionSpec, exc: Exception) -> Invocation:
+    if isinstance(exc, ActionException):
         if exc.error_data is not None:
             return _checked(Invocation(False, exc.error_data), spec)
         return Invocation.error(type(exc).__name__, str(exc))
-    except Exception as exc:
-        logger.debug("action %s raised", spec.name, exc_info=True)
-        return Invocation.error(type(exc).__name__, str(exc))
+    logger.debug("action %s raised", spec.name, exc_info=True)
+    return Invocation.error(type(exc).__name__, str(exc))
+
+
+def _returned(spec: ActionSpec, value: Any) -> Invocation:
     if value is DEFERRED or spec.deferred:
         return Invocation(True, None, deferred=True)
     return _checked(Invocation(True, value), spec)

@@ -107,6 +107,9 @@ class ActionSpec:
     keywords: frozenset[str] = frozenset()
     required: frozenset[str] = frozenset()
     any_keyword: bool = False
+    # A computation that never waits (no I/O, no sleep): a worker may run it where the
+    # assignment arrives, without a task or a thread of its own (see invoke_now).
+    immediate: bool = False
 
     def takes(self, names: Collection[str]) -> bool:
         """Whether keyword arguments called ``names`` bind to the signature; False may
@@ -116,9 +119,13 @@ class ActionSpec:
         return self.any_keyword or self.keywords.issuperset(names)
 
     @classmethod
-    def build(cls, name: str, fn: Callable[..., Any], *, deferred: bool) -> ActionSpec:
+    def build(
+        cls, name: str, fn: Callable[..., Any], *, deferred: bool, immediate: bool = False
+    ) -> ActionSpec:
         if not isinstance(name, str) or not name:
             raise ValueError(f"action name must be a non-empty string, not {name!r}")
+        if deferred and immediate:
+            raise ValueError(f"action {name!r}: a deferred action cannot be immediate")
         if not callable(fn):
             raise TypeError(f"action {name!r}: {fn!r} is not callable")
         signature = inspect.signature(fn)
@@ -142,7 +149,7 @@ class ActionSpec:
         if any(p.kind == inspect.Parameter.POSITIONAL_ONLY for p in params if p.name in required):
             keywords, any_keyword = frozenset(), False  # no call by keyword binds: bind says why
         return cls(name, fn, signature, is_async, deferred, wants_context,
-                   keywords, required, any_keyword)  # fmt: skip
+                   keywords, required, any_keyword, immediate)  # fmt: skip
 
 
 def _same_definition(a: Callable[..., Any], b: Callable[..., Any]) -> bool:
@@ -161,14 +168,15 @@ class ActionRegistry:
         self._specs: dict[str, ActionSpec] = {}
 
     def register(
-        self, name: str, fn: Callable[..., Any], *, deferred: bool = False
-    ) -> ActionSpec:
+        self, name: str, fn: Callable[..., Any], *, deferred: bool = False,
+        immediate: bool = False,
+    ) -> ActionSpec:  # fmt: skip
         """Registers ``fn`` as ``name``.
 
         Registering another function under a taken name raises ``ValueError``;
         registering the same definition again (a module imported twice) replaces it.
         """
-        return self._add(ActionSpec.build(name, fn, deferred=deferred))
+        return self._add(ActionSpec.build(name, fn, deferred=deferred, immediate=immediate))
 
     def _add(self, spec: ActionSpec) -> ActionSpec:
         existing = self._specs.get(spec.name)
@@ -186,24 +194,28 @@ class ActionRegistry:
 
     @overload
     def action(
-        self, name: str | None = None, /, *, deferred: bool = False
+        self, name: str | None = None, /, *, deferred: bool = False, immediate: bool = False
     ) -> Callable[[F], F]: ...
 
     def action(
-        self, name_or_fn: str | Callable[..., Any] | None = None, /, *, deferred: bool = False
-    ) -> Any:
+        self, name_or_fn: str | Callable[..., Any] | None = None, /, *,
+        deferred: bool = False, immediate: bool = False,
+    ) -> Any:  # fmt: skip
         """Decorator: ``@registry.action``, ``@registry.action("name", deferred=True)``.
 
         Without a name the function's ``__name__`` is used. The function is
-        returned unchanged, so it stays callable as ordinary Python.
+        returned unchanged, so it stays callable as ordinary Python. ``immediate=True``
+        declares a computation that never waits (no I/O, no sleep): a worker runs it
+        where the assignment arrives, on its event loop, without a task or a thread; an
+        ``async def`` one that does wait fails the task.
         """
         if callable(name_or_fn):
             fn = name_or_fn
-            self.register(fn.__name__, fn, deferred=deferred)
+            self.register(fn.__name__, fn, deferred=deferred, immediate=immediate)
             return fn
 
         def decorate(fn: F) -> F:
-            self.register(name_or_fn or fn.__name__, fn, deferred=deferred)
+            self.register(name_or_fn or fn.__name__, fn, deferred=deferred, immediate=immediate)
             return fn
 
         return decorate
@@ -243,21 +255,25 @@ def action(fn: F, /) -> F: ...
 
 
 @overload
-def action(name: str | None = None, /, *, deferred: bool = False) -> Callable[[F], F]: ...
+def action(
+    name: str | None = None, /, *, deferred: bool = False, immediate: bool = False
+) -> Callable[[F], F]: ...
 
 
 def action(
-    name_or_fn: str | Callable[..., Any] | None = None, /, *, deferred: bool = False
-) -> Any:
+    name_or_fn: str | Callable[..., Any] | None = None, /, *, deferred: bool = False,
+    immediate: bool = False,
+) -> Any:  # fmt: skip
     """Registers a function into :data:`default_registry`.
 
     ``@action`` (name = the function's name), ``@action("billing.charge")`` or
     ``@action("billing.charge", deferred=True)`` for an action whose outcome comes
-    later through ``Engine.TaskComplete`` (the worker sends ``TaskDeferred``).
+    later through ``Engine.TaskComplete`` (the worker sends ``TaskDeferred``), or
+    ``immediate=True`` for a computation that never waits (see ActionRegistry.action).
     """
     if callable(name_or_fn):
         return default_registry.action(name_or_fn)
-    return default_registry.action(name_or_fn, deferred=deferred)
+    return default_registry.action(name_or_fn, deferred=deferred, immediate=immediate)
 
 
 def load_action_modules(names: Iterable[str]) -> list[ModuleType]:

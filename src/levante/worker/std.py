@@ -73,8 +73,9 @@ def _seconds(value: Any) -> float:
 
 
 # Actions that never block are coroutines: they run on the worker's event loop, not in
-# its thread pool (a hop there and back costs more than they do).
-@_STD.action("std.noop")
+# its thread pool (a hop there and back costs more than they do). Those that never wait
+# at all are immediate: run where the assignment arrives, without a task of their own.
+@_STD.action("std.noop", immediate=True)
 async def noop() -> None:
     """Does nothing."""
     return None
@@ -89,7 +90,7 @@ async def echo(output: Any, delay: Any = 0) -> Any:
     return output
 
 
-@_STD.action("std.fail")
+@_STD.action("std.fail", immediate=True)
 async def fail(error_data: Any = None) -> None:
     """Always fails; with ``error_data`` the error is that data."""
     if error_data:
