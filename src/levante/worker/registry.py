@@ -205,9 +205,9 @@ class ActionRegistry:
 
         Without a name the function's ``__name__`` is used. The function is
         returned unchanged, so it stays callable as ordinary Python. ``immediate=True``
-        declares a computation that never waits (no I/O, no sleep): a worker runs it
-        where the assignment arrives, on its event loop, without a task or a thread; an
-        ``async def`` one that does wait fails the task.
+        declares a computation that never waits (no I/O, no sleep): the in-process
+        runner runs it where the task is handed out, without a task or a thread; there,
+        an ``async def`` one that does wait fails the task.
         """
         if callable(name_or_fn):
             fn = name_or_fn
