@@ -253,6 +253,7 @@ class ExecutionStarted:
     item: int | None = None
 
 
+@quick_init
 @dataclass(frozen=True)
 class AssignmentCompleted:
     """A worker or an outside system reported the outcome of one assignment."""
@@ -263,6 +264,7 @@ class AssignmentCompleted:
     now: float
 
 
+@quick_init
 @dataclass(frozen=True)
 class TaskFinished:
     """Internal: a task's work is over (an inline noop, an input that failed to evaluate)."""
@@ -368,6 +370,7 @@ Event = (
 # ---------------------------------------------------------------- commands
 
 
+@quick_init
 @dataclass(frozen=True)
 class DispatchAssignment:
     """Queue this assignment for a worker that serves its action."""
@@ -513,6 +516,7 @@ class TasksNeeded(LevanteError):
         self.recursive = recursive
 
 
+@quick_init
 @dataclass(frozen=True)
 class Snapshot:
     """What the engine loaded for one event: only the rows the event touches.
@@ -534,6 +538,7 @@ class Snapshot:
     others: OtherExecutions = NO_OTHER_EXECUTIONS
 
 
+@quick_init
 @dataclass(frozen=True)
 class Decision:
     """The new state of the touched rows and what to do next.
