@@ -113,7 +113,7 @@ class LocalEngine:
         self._session: WorkerSession | None = None
         self._running: set[asyncio.Task[None]] = set()
         # Results not yet recorded, and whether a task is recording them (_report).
-        self._unrecorded: list[tuple[Completion, ExecutionId]] = []
+        self._unrecorded: list[Completion] = []
         self._recording = False
         self._waiters: dict[ExecutionId, list[asyncio.Future[object]]] = {}
 
@@ -217,7 +217,7 @@ class LocalEngine:
         # An immediate action has run already: its result waits for the recording task
         # that this turn's deliveries share (started by the first of them).
         completion = Completion(assignment.id, Outcome(invocation.ok, invocation.value))
-        if self._queue(completion, assignment.execution_id):
+        if self._queue(completion):
             self._start(self._record_queued(wait_for_others=False))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
@@ -235,20 +235,19 @@ class LocalEngine:
             )
         if not invocation.deferred:
             completion = Completion(assignment.id, Outcome(invocation.ok, invocation.value))
-            if self._queue(completion, assignment.execution_id):
+            if self._queue(completion):
                 # Other actions that end in this turn of the loop report too, first.
                 await self._record_queued(wait_for_others=len(self._running) > 1)
             return
         with contextlib.suppress(LevanteError):  # decided already (a duplicate): nothing to do
             await self.dispatcher.defer(self._session, assignment.id)
-        await self._check_final(assignment.execution_id)
 
-    def _queue(self, completion: Completion, execution_id: ExecutionId) -> bool:
+    def _queue(self, completion: Completion) -> bool:
         """Queue a result to be recorded with the others that end in the same turn of
         the loop, as a remote worker sends the results it has in one message: a
         fan-out's branches share transactions. True when nobody is recording them yet:
         the caller must (``_record_queued``)."""
-        self._unrecorded.append((completion, execution_id))
+        self._unrecorded.append(completion)
         if self._recording:
             return False
         self._recording = True
@@ -262,10 +261,9 @@ class LocalEngine:
             while True:
                 batch = self._unrecorded[:MAX_RESULTS_PER_TRANSACTION]
                 del self._unrecorded[:MAX_RESULTS_PER_TRANSACTION]
-                # Refusals (a result decided already, a duplicate) leave nothing to do.
-                await self.dispatcher.results(self._session, [c for c, _ in batch])
-                for execution_id in dict.fromkeys(e for _, e in batch):
-                    await self._check_final(execution_id)
+                # Refusals (a result decided already, a duplicate) leave nothing to do;
+                # an execution these end resolves its waiters through _ended.
+                await self.dispatcher.results(self._session, batch)
                 if not self._unrecorded:
                     break
                 # More came meanwhile (immediate actions that the recording started run
@@ -275,11 +273,9 @@ class LocalEngine:
             self._recording = False
 
     async def complete(self, task_id: str, outcome: Outcome) -> None:
-        """Complete a deferred assignment from outside (as Engine.TaskComplete does)."""
-        assignment = await self.store.get_assignment(task_id)  # type: ignore[arg-type]
+        """Complete a deferred assignment from outside (as Engine.TaskComplete does); an
+        execution it ends resolves its waiters through _ended."""
         await self.engine.complete(task_id, outcome)  # type: ignore[arg-type]
-        if assignment is not None:
-            await self._check_final(assignment.execution_id)
 
     def _ended(self, execution_ids: Collection[ExecutionId]) -> None:
         for execution_id in execution_ids:
