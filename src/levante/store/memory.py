@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from levante.core.model import (
@@ -24,8 +24,8 @@ from levante.core.model import (
 )
 from levante.errors import RequestIdTakenError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
-from levante.store import point_reads
 from levante.store.base import WAITING_FOR_WORKER, StoredDefinition
+from levante.store.point_reads import PointReads
 
 
 class _Tables:
@@ -69,7 +69,7 @@ class _Tables:
         return self.queued
 
 
-class MemoryTransaction:
+class MemoryTransaction(PointReads):
     # Every transaction holds the store's one lock, and so does every other write: a
     # row read in a transaction cannot change under it (see StoreTransaction).
     holds_store_lock = True
@@ -153,23 +153,6 @@ class MemoryTransaction:
 
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         return self.assignments.get(assignment_id) or self._t.assignments.get(assignment_id)
-
-    async def get_assignments(
-        self, assignment_ids: Collection[AssignmentId]
-    ) -> dict[AssignmentId, AssignmentRecord]:
-        return await point_reads.each_found(self.get_assignment, assignment_ids)
-
-    async def lock_executions(
-        self, execution_ids: Collection[ExecutionId]
-    ) -> dict[ExecutionId, ExecutionRecord]:
-        return await point_reads.each_found(self.lock_execution, sorted(execution_ids))
-
-    async def tasks_and_latest(
-        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
-    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
-        return await point_reads.tasks_and_latest(
-            self.get_task, self.latest_tasks, task_ids, latest
-        )
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         for a in assignments:

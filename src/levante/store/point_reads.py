@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from typing import TypeVar
 
-from levante.core.model import TaskRecord
-from levante.ids import ExecutionId, TaskId
+from levante.core.model import AssignmentRecord, ExecutionRecord, TaskRecord
+from levante.ids import AssignmentId, ExecutionId, TaskId
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -23,19 +23,43 @@ async def each_found(read: Callable[[K], Awaitable[V | None]], keys: Iterable[K]
     return found
 
 
-async def tasks_and_latest(
-    get_task: Callable[[TaskId], Awaitable[TaskRecord | None]],
-    latest_tasks: Callable[[ExecutionId, Collection[str]], Awaitable[dict[str, TaskRecord]]],
-    task_ids: Iterable[TaskId],
-    latest: Mapping[ExecutionId, Collection[str]],
-) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
-    """``StoreTransaction.tasks_and_latest`` from ``get_task`` and ``latest_tasks``."""
-    newest = {e: await latest_tasks(e, names) for e, names in latest.items()}
-    # A task asked for by id is nearly always the newest of its name, read already.
-    known = {t.id: t for tasks in newest.values() for t in tasks.values()}
-    by_id = {}
-    for task_id in task_ids:
-        task = known.get(task_id) or await get_task(task_id)
-        if task is not None:
-            by_id[task_id] = task
-    return by_id, newest
+class PointReads:
+    """``get_assignments``, ``lock_executions`` and ``tasks_and_latest`` of a transaction
+    class, from its point reads (which it defines)."""
+
+    async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
+        raise NotImplementedError
+
+    async def lock_execution(self, execution_id: ExecutionId) -> ExecutionRecord | None:
+        raise NotImplementedError
+
+    async def get_task(self, task_id: TaskId) -> TaskRecord | None:
+        raise NotImplementedError
+
+    async def latest_tasks(
+        self, execution_id: ExecutionId, names: Collection[str]
+    ) -> dict[str, TaskRecord]:
+        raise NotImplementedError
+
+    async def get_assignments(
+        self, assignment_ids: Collection[AssignmentId]
+    ) -> dict[AssignmentId, AssignmentRecord]:
+        return await each_found(self.get_assignment, assignment_ids)
+
+    async def lock_executions(
+        self, execution_ids: Collection[ExecutionId]
+    ) -> dict[ExecutionId, ExecutionRecord]:
+        return await each_found(self.lock_execution, sorted(execution_ids))  # in id order
+
+    async def tasks_and_latest(
+        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
+    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
+        newest = {e: await self.latest_tasks(e, names) for e, names in latest.items()}
+        # A task asked for by id is nearly always the newest of its name, read already.
+        known = {t.id: t for tasks in newest.values() for t in tasks.values()}
+        by_id = {}
+        for task_id in task_ids:
+            task = known.get(task_id) or await self.get_task(task_id)
+            if task is not None:
+                by_id[task_id] = task
+        return by_id, newest

@@ -28,7 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -338,6 +338,8 @@ def _write_buffered_sql() -> str:
 _WRITE_BUFFERED = _write_buffered_sql()
 
 WORK_CHANNEL = "levante_work"
+K = TypeVar("K", bound=str)  # an id
+V = TypeVar("V")
 log = logging.getLogger("levante.store.postgres")
 
 
@@ -506,22 +508,27 @@ class PostgresTransaction:
     async def get_assignments(
         self, assignment_ids: Collection[AssignmentId]
     ) -> dict[AssignmentId, AssignmentRecord]:
-        await self.send_buffered()
-        if not assignment_ids:
-            return {}
-        with _Failing("cannot read assignments"):
-            found = await self._conn.fetch(_GET_ASSIGNMENTS, sorted(assignment_ids))
-        return {r["id"]: rows.assignment_from_row(r) for r in found}
+        return await self._locked_by_id(
+            _GET_ASSIGNMENTS, assignment_ids, rows.assignment_from_row, "read assignments"
+        )
 
     async def lock_executions(
         self, execution_ids: Collection[ExecutionId]
     ) -> dict[ExecutionId, ExecutionRecord]:
+        return await self._locked_by_id(
+            _LOCK_EXECUTIONS, execution_ids, rows.execution_from_row, "lock executions"
+        )
+
+    async def _locked_by_id(
+        self, sql: str, ids: Collection[K], from_row: Callable[[Any], V], what: str
+    ) -> dict[K, V]:
+        """The rows with these ids, locked in id order, by id; one statement."""
         await self.send_buffered()
-        if not execution_ids:
+        if not ids:
             return {}
-        with _Failing("cannot lock executions"):
-            found = await self._conn.fetch(_LOCK_EXECUTIONS, sorted(execution_ids))
-        return {r["id"]: rows.execution_from_row(r) for r in found}
+        with _Failing(f"cannot {what}"):
+            found = await self._conn.fetch(sql, sorted(ids))
+        return {r["id"]: from_row(r) for r in found}
 
     async def tasks_and_latest(
         self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]

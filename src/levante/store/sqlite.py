@@ -24,7 +24,7 @@ import os
 import random
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,8 +40,9 @@ from levante.core.model import (
 )
 from levante.errors import RequestIdTakenError, StoreError
 from levante.ids import AssignmentId, DefinitionId, ExecutionId, TaskId
-from levante.store import point_reads, rows
+from levante.store import rows
 from levante.store.base import SCHEMA_VERSION, WAITING_FOR_WORKER, StoredDefinition
+from levante.store.point_reads import PointReads
 
 MIGRATIONS: dict[int, str] = {
     1: """
@@ -227,7 +228,7 @@ _LATEST_TASK = (
 )
 
 
-class SqliteTransaction:
+class SqliteTransaction(PointReads):
     """One BEGIN IMMEDIATE ... COMMIT on the writer connection.
 
     Statements run inline on the event loop's thread: each costs microseconds, less than
@@ -311,23 +312,6 @@ class SqliteTransaction:
     async def get_assignment(self, assignment_id: AssignmentId) -> AssignmentRecord | None:
         row = self._one(f"SELECT {_ASSIGNMENT_COLS} FROM assignments WHERE id=?", (assignment_id,))
         return None if row is None else rows.assignment_from_row(row)
-
-    async def get_assignments(
-        self, assignment_ids: Collection[AssignmentId]
-    ) -> dict[AssignmentId, AssignmentRecord]:
-        return await point_reads.each_found(self.get_assignment, assignment_ids)
-
-    async def lock_executions(
-        self, execution_ids: Collection[ExecutionId]
-    ) -> dict[ExecutionId, ExecutionRecord]:
-        return await point_reads.each_found(self.lock_execution, sorted(execution_ids))
-
-    async def tasks_and_latest(
-        self, task_ids: Collection[TaskId], latest: Mapping[ExecutionId, Collection[str]]
-    ) -> tuple[dict[TaskId, TaskRecord], dict[ExecutionId, dict[str, TaskRecord]]]:
-        return await point_reads.tasks_and_latest(
-            self.get_task, self.latest_tasks, task_ids, latest
-        )
 
     async def save_assignments(self, assignments: Sequence[AssignmentRecord]) -> None:
         if assignments:
